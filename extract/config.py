@@ -1,0 +1,66 @@
+"""The extract stage's configuration: one frozen dataclass whose fields become CLI options."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .datasets import DEFAULT_DATASET
+from .models import DEFAULT_MODEL
+
+DEFAULT_ROOT = "stores"
+PROMPT_FORMATS = ("raw", "chat")
+TRUNCATION_SIDES = ("right", "left")
+
+
+def default_root() -> str:
+    return os.environ.get("PROBECACHE_ROOT") or DEFAULT_ROOT
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    # what to extract
+    dataset: str = DEFAULT_DATASET
+    splits: tuple[str, ...] | None = None  # None = every split the source has
+    limit: int | None = None  # cap on examples in the store, spread over splits in proportion
+    data_dir: str | None = None  # for file-backed datasets; else $PROBECACHE_DATA_DIR
+    text_col: str | None = None
+    label_col: str | None = None
+    id_col: str | None = None
+    strict: bool = False  # bad rows are an error instead of being excluded and reported
+    validation_fraction: float | None = None  # carved from train where a source has none; None = 0.1
+    # (0.15 for the 200-example toxigen)
+    seed: int = 0  # carving and --limit sampling
+    # how
+    model: str = DEFAULT_MODEL
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    prompt_format: str = "raw"  # raw text, or the model's chat template with a generation prompt
+    max_tokens: int = 512
+    truncation_side: str = "right"  # right keeps the beginning of long texts
+    logits: bool = False  # also keep next-token logits at the last prompt position (MULI baseline)
+    store_text: bool = False  # opt in: raw text in the manifest (stores may hold sensitive prompts)
+    mantissa_bits: int | None = None  # lossy: round bf16 mantissas to this many bits (None = lossless)
+    # where and how fast (not part of the store's identity, except shard_size which shapes the layout)
+    root: str = DEFAULT_ROOT
+    shard_size: int = 512  # examples per shard: the unit of work and of commit
+    batch_tokens: int = 4096  # padded tokens per forward batch
+    max_batch_size: int = 64
+    progress: bool = True
+
+    def validate(self) -> None:
+        from .errors import ExtractError
+
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ExtractError(f"--prompt-format {self.prompt_format!r} is not one of {', '.join(PROMPT_FORMATS)}")
+        if self.truncation_side not in TRUNCATION_SIDES:
+            raise ExtractError(f"--truncation-side must be one of {', '.join(TRUNCATION_SIDES)}")
+        for name in ("max_tokens", "shard_size", "batch_tokens", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ExtractError(f"--{name.replace('_', '-')} must be a positive integer")
+        if self.limit is not None and self.limit < 1:
+            raise ExtractError("--limit must be a positive integer")
+        if self.mantissa_bits is not None and not 0 <= self.mantissa_bits <= 6:
+            raise ExtractError("--mantissa-bits must be in 0..6 (omit it for lossless storage)")
+        if self.validation_fraction is not None and not 0.0 < self.validation_fraction < 0.5:
+            raise ExtractError("--validation-fraction must be in (0, 0.5)")

@@ -1,0 +1,182 @@
+"""``run_shard``: all the work of one shard, idempotent. Launchers differ only in how they call it.
+
+skip if committed -> fresh attempt segment -> forward batches (writes go to the background writer)
+-> close segment -> manifest part create-if-absent (the commit). A killed attempt, or one that loses a
+commit race, leaves an orphan segment that readers never see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from probecache.manifests.schema import part_bytes
+from probecache.store.codecs import bf16_bits_to_float32, round_mantissa, to_storage
+from probecache.store.commit import create_if_absent
+from probecache.store.layout import StoreLayout, new_attempt_id
+from probecache.store.segment import SegmentShape, SegmentWriter, directory_bytes
+
+from .capture import CapturedBatch, capture
+from .config import ExtractConfig
+from .plan import PlannedExample, batches
+from .writer import BackgroundWriter
+
+
+@dataclass
+class RunTotals:
+    """What this run committed (updated by the writer thread at each commit)."""
+
+    examples: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0  # tokens the forward pass processed, padding included
+    bytes_raw: int = 0
+    bytes_stored: int = 0
+    hidden_bytes_raw: int = 0
+    hidden_bytes_stored: int = 0
+    shards: int = 0
+    in_progress_bytes: int = 0  # activations on disk for the shard being written (for the progress bar)
+    in_progress_raw: int = 0  # and their uncompressed size
+
+    def add(self, stats: dict) -> None:
+        for key in ("bytes_raw", "bytes_stored", "hidden_bytes_raw", "hidden_bytes_stored", "padded_tokens"):
+            setattr(self, key, getattr(self, key) + stats[key])
+        self.examples += stats["n_examples"]
+        self.tokens += stats["n_tokens"]
+        self.shards += 1
+        self.in_progress_bytes = self.in_progress_raw = 0
+
+    def compression(self) -> float | None:
+        stored = self.hidden_bytes_stored + self.in_progress_bytes
+        return (self.hidden_bytes_raw + self.in_progress_raw) / stored if stored else None
+
+
+@dataclass
+class ExtractionJob:
+    """Everything run_shard needs: the store, the loaded model and the plan."""
+
+    config: ExtractConfig
+    layout: StoreLayout
+    store_id: str
+    dataset_name: str
+    label_names: list[str]
+    plan_by_shard: dict[int, list[PlannedExample]]
+    model: object
+    pad_id: int
+    logical_dtype: str
+    n_layers: int  # L+1
+    hidden_size: int
+    vocab_size: int
+    writer: BackgroundWriter
+    totals: RunTotals = field(default_factory=RunTotals)
+    forward_seconds: float = 0.0  # time inside the model's forward (the bare cost of extraction)
+
+
+@dataclass
+class _ShardState:
+    """One attempt of one shard, filled by the writer thread."""
+
+    job: ExtractionJob
+    shard_id: int
+    segment: str
+    examples: list[PlannedExample]
+    started: float = field(default_factory=time.time)
+    rows: list[dict] = field(default_factory=list)
+    padded_tokens: int = 0
+    writer: SegmentWriter | None = None
+
+    def add_batch(self, batch: list[PlannedExample], captured: CapturedBatch) -> None:
+        job = self.job
+        if self.writer is None:
+            self.writer = SegmentWriter(job.layout.segment(self.segment), SegmentShape(
+                n_layers=job.n_layers, hidden_size=job.hidden_size,
+                n_tokens=sum(p.n_tokens for p in self.examples), n_examples=len(self.examples),
+                logical_dtype=job.logical_dtype, vocab_size=job.vocab_size if job.config.logits else None,
+            ))
+        layers = [to_storage(h) for h in captured.hidden]  # L+1 views (B, T, d)
+        mean = captured.mean.numpy()  # (B, L+1, d)
+        logits = None if captured.logits is None else to_storage(captured.logits)  # (B, V)
+        self.padded_tokens += layers[0].shape[0] * layers[0].shape[1]
+        flushed_before = self.writer.tokens_flushed
+        for b, planned in enumerate(batch):
+            states = [h[b, : captured.lengths[b]] for h in layers]  # L+1 x (n, d), padding stripped
+            example_mean = mean[b]
+            if job.config.mantissa_bits is not None:
+                states = [round_mantissa(h, job.config.mantissa_bits) for h in states]
+                example_mean = np.stack([bf16_bits_to_float32(h).mean(axis=0) for h in states])
+            row, offset = self.writer.append(states, example_mean, None if logits is None else logits[b])
+            self.rows.append(self._manifest_row(planned, row, offset))
+        if self.writer.tokens_flushed != flushed_before:
+            job.totals.in_progress_bytes = directory_bytes(self.writer.path / "hidden")
+            job.totals.in_progress_raw = self.writer.tokens_flushed * _bytes_per_token(job)
+
+    def _manifest_row(self, planned: PlannedExample, row: int, offset: int) -> dict:
+        e, job = planned.example, self.job
+        record = {
+            "example_id": e.example_id, "dataset": job.dataset_name, "split": e.split,
+            "label": e.label, "label_name": job.label_names[e.label], "labels": list(e.labels),
+            "n_tokens": planned.n_tokens, "n_tokens_original": planned.n_tokens_original,
+            "truncated": planned.n_tokens < planned.n_tokens_original,
+            "text_sha256": hashlib.sha256(e.text.encode()).hexdigest(),
+            "shard_id": self.shard_id, "segment": self.segment, "token_offset": offset, "row": row,
+            "store_id": job.store_id,
+        }
+        if job.config.store_text:
+            record["text"] = e.text
+        return record
+
+    def commit(self) -> None:
+        job = self.job
+        bytes_stored = self.writer.close()
+        n_tokens = sum(p.n_tokens for p in self.examples)
+        hidden_raw = n_tokens * _bytes_per_token(job)
+        stats = {
+            "shard_id": self.shard_id, "segment": self.segment, "n_examples": len(self.examples),
+            "n_tokens": n_tokens, "padded_tokens": self.padded_tokens,
+            "bytes_stored": bytes_stored, "bytes_raw": _raw_bytes(self.writer),
+            "hidden_bytes_stored": directory_bytes(job.layout.segment(self.segment) / "hidden"),
+            "hidden_bytes_raw": hidden_raw, "seconds": round(time.time() - self.started, 3),
+        }
+        job.layout.stats.mkdir(parents=True, exist_ok=True)
+        (job.layout.stats / f"{self.segment}.json").write_text(json.dumps(stats, indent=1))
+        rows = sorted(self.rows, key=lambda r: r["row"])
+        committed = create_if_absent(job.layout.part(self.shard_id), part_bytes(rows, stats, job.config.store_text))
+        if committed:
+            job.totals.add(stats)
+        # else: another attempt committed this shard first; ours is an orphan for `gc`
+
+
+def _bytes_per_token(job: ExtractionJob) -> int:
+    return job.n_layers * job.hidden_size * (4 if job.logical_dtype == "float32" else 2)
+
+
+def _raw_bytes(writer: SegmentWriter) -> int:
+    s = writer.shape
+    item = 4 if s.logical_dtype == "float32" else 2
+    per_example = s.n_layers * s.hidden_size * (4 + item) + (s.vocab_size or 0) * item  # mean f32 + last
+    return s.n_tokens * s.n_layers * s.hidden_size * item + s.n_examples * per_example
+
+
+def run_shard(job: ExtractionJob, shard_id: int, on_batch=None) -> bool:
+    """Extract one shard unless already committed. Returns False when it was skipped.
+
+    The commit is queued behind the shard's writes; call ``job.writer.drain()`` to wait for it.
+    """
+    if job.layout.part(shard_id).exists():
+        return False
+    examples = job.plan_by_shard[shard_id]
+    state = _ShardState(job, shard_id, job.layout.segment_name(shard_id, new_attempt_id()), examples)
+    for batch in batches(examples, job.config.batch_tokens, job.config.max_batch_size):
+        started = time.perf_counter()
+        captured = capture(job.model, [p.token_ids for p in batch], job.pad_id, job.config.logits)
+        job.forward_seconds += time.perf_counter() - started
+        job.writer.submit(state.add_batch, batch, captured)
+        if on_batch is not None:
+            on_batch(batch)
+    job.writer.submit(state.commit)
+    return True
+
+
+__all__ = ["ExtractionJob", "run_shard"]

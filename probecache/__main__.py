@@ -1,0 +1,3 @@
+from probecache.cli import main
+
+main()

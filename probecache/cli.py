@@ -1,0 +1,210 @@
+"""The `probecache` command line: thin typer wiring over the stages' Python API.
+
+Every stage raises its own user-error types; here they become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch loads its OpenMP runtime: extraction shares the cores between the forward pass and the
+# background writer, and spinning OpenMP workers turn every writer time slice into a stalled forward.
+# Passive waiting measured 1.05x extraction/forward vs 1.17x with spinning (bench/extract.py), and a
+# faster extraction in absolute terms. An explicit OMP_WAIT_POLICY from the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated  # noqa: E402
+
+import typer  # noqa: E402
+
+from probecache.extract.config import DEFAULT_DATASET, ExtractConfig, default_root  # noqa: E402
+from probecache.extract.datasets import DatasetError, list_datasets  # noqa: E402
+from probecache.extract.errors import ExtractError, ModelError  # noqa: E402
+from probecache.extract.models import DEFAULT_MODEL  # noqa: E402
+from probecache.store.errors import StoreError  # noqa: E402
+
+USER_ERRORS = (DatasetError, ExtractError, ModelError, StoreError)
+
+app = typer.Typer(
+    help="Cache every token x layer hidden state of a frozen LLM once; train probes from the cache.\n\n"
+    "Start with `probecache extract` (embedded SmolLM2 on Rotten Tomatoes, offline), then "
+    "`probecache store info STORE`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+store_app = typer.Typer(help="Inspect stores: `ls` a root, `info` on one store.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+def _fail(error: Exception) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def extract(
+    dataset: Annotated[str, typer.Option(help="Registry name (see `probecache datasets`) or csv:PATH, "
+                                              "tsv:PATH, jsonl:PATH, parquet:PATH.")] = DEFAULT_DATASET,
+    split: Annotated[list[str] | None, typer.Option(help="train / validation / test; repeat for several. "
+                                                         "Default: every split the source has.")] = None,
+    model: Annotated[str, typer.Option(help="smollm2-135m (embedded, offline), a local HF folder, a .gguf "
+                                            "file, or a hub id org/name[@revision].")] = DEFAULT_MODEL,
+    root: Annotated[str | None, typer.Option(help="Folder holding stores [env PROBECACHE_ROOT; default "
+                                                  "./stores].")] = None,
+    limit: Annotated[int | None, typer.Option(help="Cap on examples in the store, spread over the splits "
+                                                   "in proportion (a deterministic sample).")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Folder with file-backed datasets (jigsaw_toxic/, "
+                                                      "sst2/, ...) [env PROBECACHE_DATA_DIR].")] = None,
+    text_col: Annotated[str | None, typer.Option(help="Text column of a csv:/jsonl:/parquet: file.")] = None,
+    label_col: Annotated[str | None, typer.Option(help="Label column of a generic file.")] = None,
+    id_col: Annotated[str | None, typer.Option(help="Id column of a generic file (default: id, else row).")] = None,
+    strict: Annotated[bool, typer.Option(help="Bad rows (empty text, missing/unknown label, duplicate id) "
+                                              "are an error instead of being excluded and reported.")] = False,
+    dtype: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32 (auto = bf16 where fast).")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
+    prompt_format: Annotated[str, typer.Option(help="raw text, or chat: the model's chat template with a "
+                                                    "generation prompt (what a served prompt looks like).")] = "raw",
+    max_tokens: Annotated[int, typer.Option(help="Truncate longer examples (recorded per example).")] = 512,
+    truncation_side: Annotated[str, typer.Option(help="right keeps the beginning, left keeps the end.")] = "right",
+    logits: Annotated[bool, typer.Option(help="Also store next-token logits at the last prompt position "
+                                              "(needed by the MULI baseline; ~2 B x vocab per example).")] = False,
+    store_text: Annotated[bool, typer.Option(help="Opt in to raw text in the manifest (stores may hold "
+                                                  "sensitive prompts; off by default).")] = False,
+    mantissa_bits: Annotated[int | None, typer.Option(help="Lossy: round bf16 mantissas to K bits "
+                                                           "(4: ~2x smaller, ~1% error). Default lossless.")] = None,
+    shard_size: Annotated[int, typer.Option(help="Examples per shard (the unit of work and commit).")] = 512,
+    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward batch.")] = 4096,
+    max_batch_size: Annotated[int, typer.Option(help="Examples per forward batch at most.")] = 64,
+    validation_fraction: Annotated[float | None, typer.Option(help="Share of train carved (stratified) as "
+                                                                   "validation when a source has none "
+                                                                   "[default 0.1].")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for validation carving and --limit sampling.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Progress bar and summary on stderr.")] = True,
+) -> None:
+    """Run the model once over a dataset and store every hidden state of every real token.
+
+    The store lands in ROOT/<store_id>, where store_id is a hash of everything that changes the stored
+    bytes: running the same command again is a cache hit, and an interrupted run resumes. The last line
+    of stdout is `store: <path>`.
+    """
+    from transformers.utils import logging as hf_logging
+
+    from probecache.extract.run import extract as run_extract
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with ours
+
+    config = ExtractConfig(
+        dataset=dataset, splits=tuple(split) if split else None, model=model, root=root or default_root(),
+        limit=limit, data_dir=data_dir, text_col=text_col, label_col=label_col, id_col=id_col, strict=strict,
+        dtype=dtype, device=device, prompt_format=prompt_format, max_tokens=max_tokens,
+        truncation_side=truncation_side, logits=logits, store_text=store_text, mantissa_bits=mantissa_bits,
+        shard_size=shard_size, batch_tokens=batch_tokens, max_batch_size=max_batch_size,
+        validation_fraction=validation_fraction, seed=seed, progress=progress,
+    )
+    try:
+        result = run_extract(config)
+    except USER_ERRORS as e:
+        _fail(e)
+    typer.echo(f"store: {result.store_path}")
+
+
+@app.command()
+def datasets(
+    data_dir: Annotated[str | None, typer.Option(help="Folder with file-backed datasets "
+                                                      "[env PROBECACHE_DATA_DIR].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON list instead of a table.")] = False,
+) -> None:
+    """List the dataset registry: names, availability here, splits and sizes."""
+    try:
+        infos = list_datasets(data_dir)
+    except USER_ERRORS as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps([vars(i) for i in infos], indent=1))
+        return
+    rows = [["name", "kind", "available", "splits", "where / why"]]
+    for i in infos:
+        sizes = ", ".join(f"{s} {n:,}" for s, n in i.split_sizes.items()) or "-"
+        rows.append([i.name, i.kind, "yes" if i.available else "no", sizes, i.detail])
+    _print_table(rows)
+    typer.echo("\nGeneric files: --dataset csv:PATH | tsv:PATH | jsonl:PATH | parquet:PATH "
+               "[--text-col C --label-col C]")
+
+
+@store_app.command("info")
+def store_info(
+    store: Annotated[str, typer.Argument(help="A store folder: ROOT/<store_id>.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """What a store holds: model, dataset, examples, tokens, layers, bytes, shards committed."""
+    from probecache.store.reader import open_store
+
+    try:
+        summary = open_store(store).summary()
+    except USER_ERRORS as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+        return
+    ratio = summary["bytes_raw"] / summary["bytes_stored"] if summary["bytes_stored"] else float("nan")
+    lines = [
+        ("store", summary["store_id"]), ("path", summary["path"]),
+        ("model", f"{summary['model']} ({summary['model_weights'][:23]}...)"),
+        ("dataset", f"{summary['dataset']}  splits {summary['splits']}  labels {summary['label_names']}"),
+        ("examples", f"{summary['n_examples']:,} of {summary['n_examples_planned']:,} planned"),
+        ("tokens", f"{summary['n_tokens']:,}"),
+        ("layers x d", f"{summary['n_layers']} x {summary['hidden_size']} ({summary['logical_dtype']})"),
+        ("stored", f"{summary['bytes_stored'] / 1e6:,.1f} MB (raw {summary['bytes_raw'] / 1e6:,.1f} MB, {ratio:.2f}x)"),
+        ("shards", f"{summary['shards_committed']}/{summary['shards_total']} committed"
+                   + ("" if summary["complete"] else "  (incomplete: rerun the extract command to resume)")),
+        ("prompt", f"{summary['prompt_format']}, max {summary['max_tokens']} tokens"),
+        ("created", summary["created"]),
+    ]
+    for key, value in lines:
+        typer.echo(f"{key:>11}  {value}")
+
+
+@store_app.command("ls")
+def store_ls(
+    root: Annotated[str | None, typer.Argument(help="Folder holding stores [env PROBECACHE_ROOT; "
+                                                    "default ./stores].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON list.")] = False,
+) -> None:
+    """List the stores under a root, newest first."""
+    from probecache.store.reader import list_stores
+
+    try:
+        stores = list_stores(root or default_root())
+    except USER_ERRORS as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(stores, indent=1))
+        return
+    if not stores:
+        typer.echo(f"no stores under {root or default_root()}")
+        return
+    rows = [["store", "model", "dataset", "examples", "size", "status", "created"]]
+    for s in stores:
+        status = "complete" if s["complete"] else f"{s['shards_committed']}/{s['shards_total']} shards"
+        rows.append([s["store_id"], Path(s["model"]).name, s["dataset"], f"{s['n_examples']:,}",
+                     f"{s['bytes_stored'] / 1e6:,.1f} MB", status, s["created"]])
+    _print_table(rows)
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for n, row in enumerate(rows):
+        typer.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if n == 0:
+            typer.echo("  ".join("-" * w for w in widths))
+
+
+def main() -> None:  # `python -m probecache`
+    app(prog_name="probecache")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Writing one segment: the zarr v3 group that holds one attempt of one shard.
+
+Arrays (T_seg = total real tokens of the shard's examples, N_seg = its examples, L+1 hidden-state layers):
+    hidden  (L+1, T_seg, d)  every real token, ragged examples concatenated on the token axis; no padding
+    mean    (N_seg, L+1, d)  float32 mean over each example's tokens (fp32 sum of the stored values)
+    last    (N_seg, L+1, d)  the last token's state (same dtype as hidden)
+    logits  (N_seg, V)       optional next-token logits at the last prompt position
+
+``hidden`` is chunked (1, 256, d) inside zarr shards of (L+1, 1024, d). The writer buffers tokens and writes
+whole zarr shards only (a partial-shard write is a read-modify-write: 7x slower, unsafe with two writers),
+encoding each shard itself (see shard_encoding.py) and storing it through zarr's store API.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from .codecs import activation_blosc, activation_codec, storage_dtype
+from .shard_encoding import encode_shard
+
+TOKENS_PER_ZARR_SHARD = 1024
+TOKENS_PER_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class SegmentShape:
+    n_layers: int  # L+1
+    hidden_size: int  # d
+    n_tokens: int  # T_seg
+    n_examples: int  # N_seg
+    logical_dtype: str  # "bfloat16" | "float16" | "float32"
+    vocab_size: int | None = None  # set when logits are captured
+
+
+class SegmentWriter:
+    """Append examples in order; ``close()`` flushes the tail and the per-example arrays."""
+
+    def __init__(self, path: Path, shape: SegmentShape, pool: Executor | None = None):
+        self.path = Path(path)
+        self._pool = pool  # optional threads for blosc (GPU hosts have idle cores; 2-core CPUs do not)
+        self.shape = shape
+        s = shape
+        dtype = storage_dtype(s.logical_dtype)
+        group = zarr.open_group(str(self.path), mode="w-")
+        self._hidden = group.create_array(
+            "hidden", shape=(s.n_layers, max(s.n_tokens, 1), s.hidden_size), dtype=dtype,
+            chunks=(1, TOKENS_PER_CHUNK, s.hidden_size),
+            shards=(s.n_layers, TOKENS_PER_ZARR_SHARD, s.hidden_size),
+            compressors=activation_codec(), fill_value=0,
+            attributes={"logical_dtype": s.logical_dtype, "n_tokens": s.n_tokens},
+            # zarr otherwise compares every chunk with the fill value before writing it: a full extra pass
+            # over the data, and activations are never all zero
+            config={"write_empty_chunks": True},
+        )
+        self._group = group
+        self._codec = activation_blosc(np.dtype(dtype).itemsize)
+        self._buffer = np.empty((s.n_layers, TOKENS_PER_ZARR_SHARD, s.hidden_size), dtype=dtype)
+        self._buffered = 0  # tokens in the buffer
+        self._flushed = 0  # tokens already written to zarr
+        self._mean = np.empty((s.n_examples, s.n_layers, s.hidden_size), dtype=np.float32)
+        self._last = np.empty((s.n_examples, s.n_layers, s.hidden_size), dtype=dtype)
+        self._logits = None if s.vocab_size is None else np.empty((s.n_examples, s.vocab_size), dtype=dtype)
+        self._rows = 0
+
+    @property
+    def tokens_flushed(self) -> int:
+        return self._flushed
+
+    @property
+    def tokens_written(self) -> int:
+        return self._flushed + self._buffered
+
+    def append(self, hidden: Sequence[np.ndarray], mean: np.ndarray, logits: np.ndarray | None = None
+               ) -> tuple[int, int]:
+        """Add one example: ``hidden[l]`` is layer l's (n, d) states in storage dtype (a 3-D array or a
+        list of per-layer arrays), ``mean`` its (L+1, d) float32 means. Returns its (row, token_offset)."""
+        n = hidden[0].shape[0]
+        row, offset = self._rows, self.tokens_written
+        if row >= self.shape.n_examples or offset + n > self.shape.n_tokens:
+            raise ValueError("segment overflow: more examples or tokens than planned")
+        self._mean[row] = mean
+        for layer in range(self.shape.n_layers):
+            self._last[row, layer] = hidden[layer][n - 1]
+        if self._logits is not None:
+            self._logits[row] = logits
+        done = 0
+        while done < n:  # copy into the shard buffer, writing each zarr shard as soon as it is full
+            take = min(n - done, TOKENS_PER_ZARR_SHARD - self._buffered)
+            for layer in range(self.shape.n_layers):
+                self._buffer[layer, self._buffered : self._buffered + take] = hidden[layer][done : done + take]
+            self._buffered += take
+            done += take
+            if self._buffered == TOKENS_PER_ZARR_SHARD:
+                self._flush()
+        self._rows += 1
+        return row, offset
+
+    def _flush(self) -> None:
+        """Encode and store the buffered tokens as one whole zarr shard (the last one ends the array)."""
+        shard = self._flushed // TOKENS_PER_ZARR_SHARD
+        data = encode_shard(self._buffer[:, : self._buffered], TOKENS_PER_CHUNK, TOKENS_PER_ZARR_SHARD,
+                            self._codec, fill_value=0, pool=self._pool)
+        key = "hidden/" + self._hidden.metadata.encode_chunk_key((0, shard, 0))
+        sync(self._group.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+        self._flushed, self._buffered = self._flushed + self._buffered, 0
+
+    def close(self) -> int:
+        """Write everything still buffered; returns the segment's bytes on disk."""
+        s = self.shape
+        if self._rows != s.n_examples or self.tokens_written != s.n_tokens:
+            raise ValueError(
+                f"segment incomplete: {self._rows}/{s.n_examples} examples, "
+                f"{self.tokens_written}/{s.n_tokens} tokens"
+            )
+        if self._buffered:
+            self._flush()
+        per_example = {"mean": self._mean, "last": self._last}
+        if self._logits is not None:
+            per_example["logits"] = self._logits
+        for name, data in per_example.items():
+            self._group.create_array(
+                name, data=data, chunks=(min(64, max(len(data), 1)), *data.shape[1:]),
+                compressors=activation_codec(),
+                attributes={"logical_dtype": "float32" if name == "mean" else s.logical_dtype},
+            )
+        return directory_bytes(self.path)
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)

@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny random-init Llama with a byte-level tokenizer, built locally (no downloads)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+
+
+def build_tiny_llama(folder: Path, seed: int = 0, layers: int = 3) -> Path:
+    """A 3-block Llama (d = 64) and a byte-level BPE tokenizer with no merges (one token per byte)."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # random init is tiny; scale up so states differ visibly between layers
+        for p in model.parameters():
+            p.mul_(4.0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_other_weights(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-2"), seed=1)
+
+
+TEXTS = [
+    "great film", "terrible acting and a plot with more holes than a sieve", "ok",
+    "I loved every minute of it, from the opening shot to the credits", "meh",
+    "not worth the ticket", "a quiet masterpiece", "boring boring boring boring boring",
+    "the best thing I have seen this year", "dull", "surprisingly moving", "awful dialogue",
+    "charming and funny", "a mess from start to finish, with no redeeming features at all", "fine",
+    "wonderful", "two hours I will never get back", "smart, sharp and beautifully shot", "bad", "good",
+    "an instant classic", "forgettable", "the cast is excellent", "poorly edited", "heartfelt",
+    "a chore to sit through", "delightful", "clumsy", "superb", "lifeless",
+]
+
+
+@pytest.fixture
+def tiny_csv(tmp_path) -> Path:
+    """30 labelled rows of varied length with a split column (train 20, validation 5, test 5)."""
+    path = tmp_path / "reviews.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text", "label", "split"])
+        for i, text in enumerate(TEXTS):
+            split = "train" if i < 20 else "validation" if i < 25 else "test"
+            w.writerow([f"r{i:02d}", text, "pos" if i % 2 == 0 else "neg", split])
+    return path
+
+
+@pytest.fixture
+def extract_config(tiny_model, tiny_csv, tmp_path):
+    """An ExtractConfig factory on the tiny model; small shards and batches to exercise the batching."""
+    from probecache.extract.config import ExtractConfig
+
+    def make(**overrides) -> ExtractConfig:
+        base = dict(dataset=f"csv:{tiny_csv}", model=str(tiny_model), root=str(tmp_path / "stores"),
+                    dtype="fp32", device="cpu", shard_size=8, batch_tokens=96, progress=False)
+        return ExtractConfig(**{**base, **overrides})
+
+    return make
