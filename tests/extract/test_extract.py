@@ -34,7 +34,8 @@ def _segment_batches(store, config, tokenizer):
     return {s: batches(ps, config.batch_tokens, config.max_batch_size) for s, ps in by_shard.items()}
 
 
-@pytest.mark.parametrize("dtype,torch_dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+@pytest.mark.parametrize("dtype,torch_dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                               ("fp16", torch.float16)])
 def test_stored_states_equal_model_output_hidden_states_exactly(extract_config, tiny_model, dtype, torch_dtype):
     config = extract_config(dtype=dtype)
     result = extract(config)

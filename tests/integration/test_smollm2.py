@@ -110,3 +110,15 @@ def test_chat_format_with_logits_on_the_real_tokenizer(model_cache, tmp_path):
     assert m.num_rows == 12 and min(m["n_tokens"].to_pylist()) > 10  # the template adds a system turn
     logits = store.logits()
     assert logits.shape == (12, 49152) and torch.isfinite(logits.float()).all()
+
+
+def test_readme_python_example_runs(model_cache, tmp_path):
+    """The README's reading example, on a real store, exactly as written (path substituted)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    store = _extract(model_cache, tmp_path, "--limit", "12")
+    code = code.replace('"stores/rotten_tomatoes-<hash>"', repr(store))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["h"].shape[:1] == (31,) and namespace["h_late"].shape[0] == 11
+    assert namespace["means"].shape[1:] == (31, 576) and namespace["last"].shape[1] == 1
