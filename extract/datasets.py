@@ -34,14 +34,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .dataset_files import FILE_SOURCES, load_files
 from .dataset_sources import (
-    FILE_SOURCES,
     GENERIC_KINDS,
     SPLITS,
     DatasetError,
     RawDataset,
     SourceRequest,
-    load_files,
     load_generic,
     load_rotten_tomatoes,
     load_toxigen,
