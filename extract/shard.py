@@ -138,9 +138,12 @@ class _ShardState:
             "hidden_bytes_stored": directory_bytes(self.writer.path / "hidden"),
             "hidden_bytes_raw": shape.n_tokens * shape.hidden_bytes_per_token,
             "seconds": round(time.time() - self.started, 3),
+            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": self.writer.files,  # what `verify` checks the segment against
         }
         job.layout.stats.mkdir(parents=True, exist_ok=True)
-        (job.layout.stats / f"{self.segment}.json").write_text(json.dumps(stats, indent=1))
+        summary = {k: v for k, v in stats.items() if k != "files"}
+        (job.layout.stats / f"{self.segment}.json").write_text(json.dumps(summary, indent=1))
         rows = sorted(self.rows, key=lambda r: r["row"])
         committed = create_if_absent(job.layout.part(self.shard_id), part_bytes(rows, stats, job.config.store_text))
         if committed:

@@ -15,18 +15,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Annotated  # noqa: E402
 
 import typer  # noqa: E402
 
+from probecache.cli_common import USER_ERRORS, fail, print_table  # noqa: E402
 from probecache.extract.config import DEFAULT_DATASET, ExtractConfig, default_root  # noqa: E402
-from probecache.extract.datasets import DatasetError, list_datasets  # noqa: E402
-from probecache.extract.errors import ExtractError, ModelError  # noqa: E402
+from probecache.extract.datasets import list_datasets  # noqa: E402
 from probecache.extract.models import DEFAULT_MODEL  # noqa: E402
-from probecache.store.errors import StoreError  # noqa: E402
-
-USER_ERRORS = (DatasetError, ExtractError, ModelError, StoreError)
 
 app = typer.Typer(
     help="Cache every token x layer hidden state of a frozen LLM once; train probes from the cache.\n\n"
@@ -35,13 +31,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-store_app = typer.Typer(help="Inspect stores: `ls` a root, `info` on one store.", no_args_is_help=True)
-app.add_typer(store_app, name="store")
-
-
-def _fail(error: Exception) -> None:
-    typer.echo(f"error: {error}", err=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -206,7 +195,7 @@ def extract(
     try:
         result = run_extract(config)
     except USER_ERRORS as e:
-        _fail(e)
+        fail(e)
     typer.echo(f"store: {result.store_path}")
 
 
@@ -221,7 +210,7 @@ def datasets(
     try:
         infos = list_datasets(data_dir)
     except USER_ERRORS as e:
-        _fail(e)
+        fail(e)
     if as_json:
         typer.echo(json.dumps([vars(i) for i in infos], indent=1))
         return
@@ -229,89 +218,12 @@ def datasets(
     for i in infos:
         sizes = ", ".join(f"{s} {n:,}" for s, n in i.split_sizes.items()) or "-"
         rows.append([i.name, i.kind, "yes" if i.available else "no", sizes, i.detail])
-    _print_table(rows)
+    print_table(rows)
 
 
-@store_app.command("info")
-def store_info(
-    store: Annotated[str, typer.Argument(help="A store folder: ROOT/<store_id>.")],
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
-) -> None:
-    """What a store holds: model, dataset, examples, tokens, layers, bytes, shards committed."""
-    from probecache.store.reader import open_store
+from probecache.cli_store import store_app  # noqa: E402
 
-    try:
-        summary = open_store(store).summary()
-    except USER_ERRORS as e:
-        _fail(e)
-    if as_json:
-        typer.echo(json.dumps(summary, indent=1))
-        return
-    ratio = summary["bytes_raw"] / summary["bytes_stored"] if summary["bytes_stored"] else float("nan")
-    lines = [
-        ("store", summary["store_id"]),
-        ("path", summary["path"]),
-        ("model", f"{summary['model']} ({summary['model_weights'][:23]}...)"),
-        ("dataset", f"{summary['dataset']}  splits {summary['splits']}  labels {summary['label_names']}"),
-        ("examples", f"{summary['n_examples']:,} of {summary['n_examples_planned']:,} planned"),
-        ("tokens", f"{summary['n_tokens']:,}"),
-        ("layers x d", f"{summary['n_layers']} x {summary['hidden_size']} ({summary['logical_dtype']})"),
-        ("stored", f"{summary['bytes_stored'] / 1e6:,.1f} MB (raw {summary['bytes_raw'] / 1e6:,.1f} MB, {ratio:.2f}x)"),
-        (
-            "shards",
-            f"{summary['shards_committed']}/{summary['shards_total']} committed"
-            + ("" if summary["complete"] else "  (incomplete: rerun the extract command to resume)"),
-        ),
-        ("prompt", f"{summary['prompt_format']}, max {summary['max_tokens']} tokens"),
-        ("created", summary["created"]),
-    ]
-    for key, value in lines:
-        typer.echo(f"{key:>11}  {value}")
-
-
-@store_app.command("ls")
-def store_ls(
-    root: Annotated[
-        str | None, typer.Argument(help="Folder holding stores (env PROBECACHE_ROOT; default ./stores).")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON list.")] = False,
-) -> None:
-    """List the stores under a root, newest first."""
-    from probecache.store.reader import list_stores
-
-    try:
-        stores = list_stores(root or default_root())
-    except USER_ERRORS as e:
-        _fail(e)
-    if as_json:
-        typer.echo(json.dumps(stores, indent=1))
-        return
-    if not stores:
-        typer.echo(f"no stores under {root or default_root()}")
-        return
-    rows = [["store", "model", "dataset", "examples", "size", "status", "created"]]
-    for s in stores:
-        status = "complete" if s["complete"] else f"{s['shards_committed']}/{s['shards_total']} shards"
-        rows.append(
-            [
-                s["store_id"],
-                Path(s["model"]).name,
-                s["dataset"],
-                f"{s['n_examples']:,}",
-                f"{s['bytes_stored'] / 1e6:,.1f} MB",
-                status,
-                s["created"],
-            ]
-        )
-    _print_table(rows)
-
-
-def _print_table(rows: list[list[str]]) -> None:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for n, row in enumerate(rows):
-        typer.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        if n == 0:
-            typer.echo("  ".join("-" * w for w in widths))
+app.add_typer(store_app, name="store")
 
 
 def main() -> None:  # `python -m probecache`

@@ -25,6 +25,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .codecs import activation_blosc, activation_codec, storage_dtype
+from .integrity import crc32c_hex, segment_files
 from .shard_encoding import encode_shard
 
 TOKENS_PER_ZARR_SHARD = 1024
@@ -84,6 +85,7 @@ class SegmentWriter:
         self._last = np.empty((s.n_examples, s.n_layers, s.hidden_size), dtype=dtype)
         self._logits = None if s.vocab_size is None else np.empty((s.n_examples, s.vocab_size), dtype=dtype)
         self._rows = 0
+        self.files: dict[str, tuple[int, str]] = {}  # relative path -> (size, crc32c), filled by close()
 
     @property
     def tokens_flushed(self) -> int:
@@ -125,10 +127,11 @@ class SegmentWriter:
                             self._codec, fill_value=0, pool=self._pool)
         key = "hidden/" + self._hidden.metadata.encode_chunk_key((0, shard, 0))
         sync(self._group.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+        self.files[key] = (len(data), crc32c_hex(data))
         self._flushed, self._buffered = self._flushed + self._buffered, 0
 
     def close(self) -> int:
-        """Write everything still buffered; returns the segment's bytes on disk."""
+        """Write everything still buffered and checksum every file (``self.files``); returns the bytes on disk."""
         s = self.shape
         if self._rows != s.n_examples or self.tokens_written != s.n_tokens:
             raise ValueError(
@@ -146,7 +149,8 @@ class SegmentWriter:
                 compressors=activation_codec(),
                 attributes={"logical_dtype": "float32" if name == "mean" else s.logical_dtype},
             )
-        return directory_bytes(self.path)
+        self.files = segment_files(self.path, known=self.files)
+        return sum(size for size, _ in self.files.values())
 
 
 def directory_bytes(path: Path) -> int:
