@@ -7,3 +7,7 @@ class ModelError(RuntimeError):
 
 class ExtractError(RuntimeError):
     """The extraction cannot proceed (conflicting store, bad option); the message names the fix."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM/SIGUSR1 stopped the run after a batch; committed shards stay, rerunning resumes the rest."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from probecache.store.integrity import plan_digest  # noqa: F401  (re-exported for callers)
 
 from .config import ExtractConfig
 from .datasets import Example
@@ -106,15 +107,6 @@ def plan_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue().to_pybytes()
-
-
-def plan_digest(table: pa.Table) -> str:
-    """Hash of the plan's content (not of the Parquet bytes, which depend on the writer version)."""
-    h = hashlib.sha256()
-    for column in table.column_names:
-        h.update(column.encode())
-        h.update(repr(table[column].to_pylist()).encode())
-    return h.hexdigest()
 
 
 def batches(shard: list[PlannedExample], batch_tokens: int, max_batch_size: int,

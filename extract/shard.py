@@ -16,11 +16,13 @@ import numpy as np
 from probecache.manifests.schema import part_bytes
 from probecache.store.codecs import bf16_bits_to_float32, round_mantissa, to_storage
 from probecache.store.commit import create_if_absent
+from probecache.store.faults import crash_point
 from probecache.store.layout import StoreLayout, new_attempt_id
 from probecache.store.segment import SegmentShape, SegmentWriter, directory_bytes
 
 from .capture import CapturedBatch, capture
 from .config import ExtractConfig
+from .errors import Interrupted
 from .plan import PlannedExample, batches
 from .writer import BackgroundWriter
 
@@ -108,6 +110,7 @@ class _ShardState:
                 example_mean = np.stack([bf16_bits_to_float32(h).mean(axis=0) for h in states])
             row, offset = self.writer.append(states, example_mean, None if logits is None else logits[b])
             self.rows.append(self._manifest_row(planned, row, offset))
+            crash_point("writer-append")
         if self.writer.tokens_flushed != flushed_before:
             job.totals.in_progress_bytes = directory_bytes(self.writer.path / "hidden")
             job.totals.in_progress_raw = self.writer.tokens_flushed * self.writer.shape.hidden_bytes_per_token
@@ -130,6 +133,7 @@ class _ShardState:
     def commit(self) -> None:
         job = self.job
         bytes_stored = self.writer.close()
+        crash_point("segment-closed")
         shape = self.writer.shape
         stats = {
             "shard_id": self.shard_id, "segment": self.segment, "n_examples": shape.n_examples,
@@ -144,29 +148,36 @@ class _ShardState:
         job.layout.stats.mkdir(parents=True, exist_ok=True)
         summary = {k: v for k, v in stats.items() if k != "files"}
         (job.layout.stats / f"{self.segment}.json").write_text(json.dumps(summary, indent=1))
+        crash_point("stats-written")
         rows = sorted(self.rows, key=lambda r: r["row"])
         committed = create_if_absent(job.layout.part(self.shard_id), part_bytes(rows, stats, job.config.store_text))
         if committed:
             job.totals.add(stats)
+            crash_point("shard-committed")
         # else: another attempt committed this shard first; ours is an orphan for `gc`
 
 
-def run_shard(job: ExtractionJob, shard_id: int, on_batch=None) -> bool:
+def run_shard(job: ExtractionJob, shard_id: int, on_batch=None, should_stop=None) -> bool:
     """Extract one shard unless already committed. Returns False when it was skipped.
 
-    The commit is queued behind the shard's writes; call ``job.writer.drain()`` to wait for it.
+    The commit is queued behind the shard's writes; call ``job.writer.drain()`` to wait for it. When
+    ``should_stop()`` turns true after a batch, the shard is abandoned uncommitted and `Interrupted` raised.
     """
     if job.layout.part(shard_id).exists():
         return False
     examples = job.plan_by_shard[shard_id]
     state = _ShardState(job, shard_id, job.layout.segment_name(shard_id, new_attempt_id()), examples)
     for batch in batches(examples, job.config.batch_tokens, job.config.max_batch_size):
+        crash_point("forward")
         started = time.perf_counter()
         captured = capture(job.model, [p.token_ids for p in batch], job.pad_id, job.config.logits)
         job.forward_seconds += time.perf_counter() - started
         job.writer.submit(state.add_batch, batch, captured)
         if on_batch is not None:
             on_batch(batch)
+        if should_stop is not None and should_stop():
+            raise Interrupted(f"stopped by a signal during shard {shard_id}: committed shards are kept; "
+                              "rerun the same command to resume")
     job.writer.submit(state.commit)
     return True
 

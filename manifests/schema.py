@@ -8,6 +8,7 @@ see examples whose activations are complete.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -51,7 +52,7 @@ def part_bytes(rows: list[dict], stats: dict, with_text: bool = False) -> bytes:
 
 def read_parts(manifest_dir: Path, columns: list[str] | None = None, filter=None) -> pa.Table:
     """All committed parts as one table, sorted by (shard_id, row). Empty table when none is committed."""
-    files = sorted(Path(manifest_dir).glob("part-*.parquet")) if Path(manifest_dir).is_dir() else []
+    files = committed_part_files(manifest_dir)
     if not files:
         return MANIFEST_SCHEMA.empty_table().select(columns) if columns else MANIFEST_SCHEMA.empty_table()
     dataset = ds.dataset([str(f) for f in files], format="parquet")
@@ -59,6 +60,16 @@ def read_parts(manifest_dir: Path, columns: list[str] | None = None, filter=None
     table = dataset.to_table(columns=wanted, filter=filter)
     table = table.sort_by([("shard_id", "ascending"), ("row", "ascending")])
     return table.select(columns) if columns else table
+
+
+PART_NAME = re.compile(r"^part-(\d{5,})\.parquet$")
+
+
+def committed_part_files(manifest_dir: Path) -> list[Path]:
+    """The commit records: exactly the names the writer produces (a stray `part-1-copy.parquet` is not one)."""
+    if not Path(manifest_dir).is_dir():
+        return []
+    return sorted(p for p in Path(manifest_dir).iterdir() if PART_NAME.match(p.name))
 
 
 def part_stats(part_file: Path) -> dict:

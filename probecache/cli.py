@@ -13,6 +13,7 @@ import os
 # faster extraction in absolute terms. An explicit OMP_WAIT_POLICY from the user wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import errno  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from typing import Annotated  # noqa: E402
@@ -23,6 +24,8 @@ from probecache.cli_common import USER_ERRORS, fail, print_table  # noqa: E402
 from probecache.extract.config import DEFAULT_DATASET, ExtractConfig, default_root  # noqa: E402
 from probecache.extract.datasets import list_datasets  # noqa: E402
 from probecache.extract.models import DEFAULT_MODEL  # noqa: E402
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1; rerun to resume
 
 app = typer.Typer(
     help="Cache every token x layer hidden state of a frozen LLM once; train probes from the cache.\n\n"
@@ -150,6 +153,33 @@ def extract(
         int, typer.Option(rich_help_panel="Data", help="Seed for validation carving and --limit sampling.")
     ] = 0,
     progress: Annotated[bool, typer.Option(rich_help_panel="Speed", help="Progress bar and summary on stderr.")] = True,
+    executor: Annotated[
+        str, typer.Option(rich_help_panel="Cluster", help="local (this process), dask, or slurm (an sbatch array).")
+    ] = "local",
+    task_index: Annotated[
+        int | None,
+        typer.Option(rich_help_panel="Cluster", help="Run only shards K, K+N, ... (default: $SLURM_ARRAY_TASK_ID)."),
+    ] = None,
+    num_tasks: Annotated[
+        int | None, typer.Option(rich_help_panel="Cluster", help="N tasks share the shards (with --task-index).")
+    ] = None,
+    workers: Annotated[int, typer.Option(rich_help_panel="Cluster", help="dask LocalCluster worker processes.")] = 2,
+    scheduler: Annotated[
+        str | None, typer.Option(rich_help_panel="Cluster", help="dask scheduler address (default: a LocalCluster).")
+    ] = None,
+    partition: Annotated[str | None, typer.Option(rich_help_panel="Cluster", help="SLURM partition.")] = None,
+    time_limit: Annotated[
+        str | None, typer.Option("--time", rich_help_panel="Cluster", help="SLURM time limit per task, e.g. 04:00:00.")
+    ] = None,
+    gpus: Annotated[int, typer.Option(rich_help_panel="Cluster", help="GPUs per SLURM task (--gres=gpu:N).")] = 0,
+    cpus_per_task: Annotated[int | None, typer.Option(rich_help_panel="Cluster", help="SLURM CPUs per task.")] = None,
+    mem: Annotated[str | None, typer.Option(rich_help_panel="Cluster", help="SLURM memory per task, e.g. 32G.")] = None,
+    max_parallel: Annotated[
+        int | None, typer.Option(rich_help_panel="Cluster", help="At most this many SLURM array tasks at once.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option(rich_help_panel="Cluster", help="With --executor slurm: print the sbatch script only.")
+    ] = False,
 ) -> None:
     """Run the model once over a dataset and store every hidden state of every real token.
 
@@ -162,6 +192,8 @@ def extract(
     """
     from transformers.utils import logging as hf_logging
 
+    from probecache.extract.errors import Interrupted
+    from probecache.extract.launchers import LaunchConfig
     from probecache.extract.run import extract as run_extract
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with ours
@@ -192,10 +224,25 @@ def extract(
         seed=seed,
         progress=progress,
     )
+    launch = LaunchConfig(
+        executor=executor, task_index=task_index, num_tasks=num_tasks, workers=workers, scheduler=scheduler,
+        partition=partition, time_limit=time_limit, gpus=gpus, cpus_per_task=cpus_per_task, mem=mem,
+        max_parallel=max_parallel, dry_run=dry_run,
+    )
     try:
-        result = run_extract(config)
+        result = run_extract(config, launch)
     except USER_ERRORS as e:
         fail(e)
+    except Interrupted as e:
+        typer.echo(f"interrupted: {e}", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        fail(OSError(f"no space left on the device holding {e.filename or config.root}: free space or pass "
+                     "another --root, then rerun (committed shards are kept)"))
+    if result.submitted and not launch.dry_run:
+        typer.echo(f"submitted: {result.submitted}")
     typer.echo(f"store: {result.store_path}")
 
 

@@ -1,4 +1,8 @@
-"""`probecache store ...`: inspecting stores (ls, info). Wired into the main app by cli.py."""
+"""`probecache store ...`: inspecting stores (ls, info) and maintaining them (status, verify, gc).
+
+Wired into the main app by cli.py. Exit codes: 0 fine, 1 `verify` found problems, 2 a user error (not a
+store, a bad option), printed as one line.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,11 @@ import typer
 from probecache.cli_common import USER_ERRORS, fail, print_table
 from probecache.extract.config import default_root
 
-store_app = typer.Typer(help="Inspect stores: `ls` a root, `info` on one store.", no_args_is_help=True)
+store_app = typer.Typer(
+    help="Inspect and maintain stores: `ls` a root; `info`, `status`, `verify`, `gc` on one store.",
+    no_args_is_help=True,
+)
+_MAX_PROBLEM_LINES = 50  # a badly damaged store can have thousands; the first ones say what happened
 
 
 @store_app.command("info")
@@ -86,3 +94,96 @@ def store_ls(
             ]
         )
     print_table(rows)
+
+
+@store_app.command("status")
+def store_status_cmd(
+    store: Annotated[str, typer.Argument(help="A store folder: ROOT/<store_id>.")],
+    stale_after: Annotated[
+        str, typer.Option("--stale-after", help="An uncommitted shard with no write for this long is stale "
+                          "(its worker died): 30m, 6h, 2d.")
+    ] = "6h",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """How far an extraction has got: shards committed / in progress / failed / stale, rate and ETA."""
+    from probecache.store.status import format_status, store_status
+
+    try:
+        status = store_status(store, stale_after=_age(stale_after, "--stale-after"))
+    except USER_ERRORS as e:
+        fail(e)
+    if as_json:
+        typer.echo(json.dumps(status, indent=1))
+        return
+    for line in format_status(status):
+        typer.echo(line)
+
+
+@store_app.command("verify")
+def store_verify(
+    store: Annotated[str, typer.Argument(help="A store folder: ROOT/<store_id>.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Check every committed shard against its commit record (sizes, crc32c), its arrays and the plan.
+
+    Exit 0 when clean, 1 when problems were found (one line each), 2 when STORE is not a store.
+    """
+    from probecache.store.verify import verify_store
+
+    try:
+        report = verify_store(store)
+    except USER_ERRORS as e:
+        fail(e)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=1))
+    else:
+        checked = (f"{report.parts_checked} parts of {report.shards_total} shards, {report.files_checked} files, "
+                   f"{report.bytes_checked / 1e6:,.1f} MB checksummed")
+        for problem in report.problems[:_MAX_PROBLEM_LINES]:
+            typer.echo(f"problem: {problem}")
+        if len(report.problems) > _MAX_PROBLEM_LINES:
+            typer.echo(f"... and {len(report.problems) - _MAX_PROBLEM_LINES} more problems (--json lists all)")
+        for note in report.notes:
+            typer.echo(f"note: {note}")
+        typer.echo(f"{'ok' if report.ok else f'FAILED: {len(report.problems)} problems'}: {checked}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@store_app.command("gc")
+def store_gc(
+    store: Annotated[str, typer.Argument(help="A store folder: ROOT/<store_id>.")],
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Only remove debris idle this long: 0, 30s, 15m, 6h, 2d. Keep it "
+                          "above the longest time a running shard can go without writing.")
+    ] = "6h",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be removed; delete nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Remove orphan segments (killed or losing attempts), their stats and commit temp files.
+
+    Never touches a segment a manifest part references; the age gate protects attempts still running.
+    """
+    from probecache.store.gc import format_gc, gc_store
+
+    try:
+        report = gc_store(store, _age(older_than, "--older-than"), dry_run=dry_run)
+    except USER_ERRORS as e:
+        fail(e)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=1))
+        return
+    for line in format_gc(report):
+        typer.echo(line)
+
+
+def _age(text: str, option: str) -> float:
+    """A duration option, or the one-line error (exit 2) naming the accepted forms."""
+    from probecache.store.errors import StoreError
+    from probecache.store.gc import parse_age
+
+    try:
+        return parse_age(text)
+    except ValueError as e:
+        fail(StoreError(f"{option}: {e}"))
+        raise  # unreachable: fail() exits; keeps type checkers from assuming a fall-through

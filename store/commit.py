@@ -12,6 +12,8 @@ import os
 import uuid
 from pathlib import Path
 
+from .faults import crash_point
+
 
 def create_if_absent(path: Path, data: bytes) -> bool:
     """Write ``data`` to ``path`` unless it exists. True if this call created it, False if it existed."""
@@ -25,10 +27,12 @@ def create_if_absent(path: Path, data: bytes) -> bool:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        crash_point("commit-temp-written")
         try:
             os.link(tmp, path)
         except FileExistsError:
             return False
+        crash_point("commit-linked")
         _fsync_dir(path.parent)
         return True
     finally:

@@ -6,10 +6,12 @@ crc32c (hardware-accelerated, ~20 GB/s here) over every file of a segment; the c
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import google_crc32c
+import pyarrow as pa
 
 
 def crc32c_hex(data: bytes | memoryview) -> str:
@@ -35,3 +37,13 @@ def segment_files(root: Path, known: dict[str, tuple[int, str]] | None = None) -
             rel = path.relative_to(root).as_posix()
             out[rel] = known[rel] if rel in known else (path.stat().st_size, file_crc32c(path))
     return dict(sorted(out.items()))
+
+
+def plan_digest(table: pa.Table) -> str:
+    """Content hash of a plan table (store.json's ``plan.sha256``): values, not Parquet bytes, which depend
+    on the writer's version."""
+    h = hashlib.sha256()
+    for column in table.column_names:
+        h.update(column.encode())
+        h.update(repr(table[column].to_pylist()).encode())
+    return h.hexdigest()

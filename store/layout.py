@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from probecache.manifests.schema import PART_NAME, committed_part_files
+
 FORMAT_VERSION = 1
 STORE_JSON = "store.json"
 PLAN_FILE = "plan.parquet"
@@ -88,6 +90,4 @@ class StoreLayout:
         return self.manifests / f"part-{shard_id:05d}.parquet"
 
     def committed_shards(self) -> set[int]:
-        if not self.manifests.is_dir():
-            return set()
-        return {int(p.stem.split("-")[1]) for p in self.manifests.glob("part-*.parquet")}
+        return {int(PART_NAME.match(p.name).group(1)) for p in committed_part_files(self.manifests)}

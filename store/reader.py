@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import zarr
-from probecache.manifests.schema import part_stats, read_parts
+from probecache.manifests.schema import committed_part_files, part_stats, read_parts
 
 from .codecs import from_storage
 from .errors import StoreError
@@ -175,7 +175,7 @@ class Store:
 
     def summary(self) -> dict:
         """What `probecache store info` prints; computed from committed parts only."""
-        committed = sorted(self.layout.manifests.glob("part-*.parquet")) if self.layout.manifests.is_dir() else []
+        committed = committed_part_files(self.layout.manifests)
         stats = [part_stats(p) for p in committed]
         info, model, dataset = self.info, self.info["model"], self.info["dataset"]
         return {

@@ -25,6 +25,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .codecs import activation_blosc, activation_codec, storage_dtype
+from .faults import crash_point
 from .integrity import crc32c_hex, segment_files
 from .shard_encoding import encode_shard
 
@@ -77,6 +78,7 @@ class SegmentWriter:
             config={"write_empty_chunks": True},
         )
         self._group = group
+        crash_point("segment-created")
         self._codec = activation_blosc(np.dtype(dtype).itemsize)
         self._buffer = np.empty((s.n_layers, TOKENS_PER_ZARR_SHARD, s.hidden_size), dtype=dtype)
         self._buffered = 0  # tokens in the buffer
@@ -128,6 +130,7 @@ class SegmentWriter:
         key = "hidden/" + self._hidden.metadata.encode_chunk_key((0, shard, 0))
         sync(self._group.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
         self.files[key] = (len(data), crc32c_hex(data))
+        crash_point("zarr-shard-written")
         self._flushed, self._buffered = self._flushed + self._buffered, 0
 
     def close(self) -> int:

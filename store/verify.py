@@ -1,0 +1,307 @@
+"""`verify`: prove every committed shard is exactly what its commit recorded and what the plan asked for.
+
+Trust flows from the commit records only: each manifest part carries {file: [size, crc32c]} for every file
+of its segment at commit time, so a flipped bit, a truncated chunk or a deleted file is caught without
+trusting anything else in the segment folder. On top of the bytes, the part's rows must describe the
+segment's arrays exactly (shapes, offsets tiling the token axis, rows 0..N-1) and the plan's examples for
+that shard (ids and token counts), and plan.parquet must still hash to what store.json recorded.
+
+Leftovers of the commit protocol (``.tmp-*`` files of a killed commit, orphan segments of killed or losing
+attempts, ``.deleting-*`` folders of an interrupted gc) are expected and reported as notes, not problems.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+import pyarrow.parquet as pq
+from probecache.manifests.schema import part_stats
+
+from .integrity import file_crc32c, plan_digest
+from .layout import StoreLayout
+from .status import open_layout, parse_segment, part_files, segment_attempts
+
+_PART_COLUMNS = ("example_id", "shard_id", "segment", "token_offset", "n_tokens", "row")
+_SHOW = 5  # ids named per problem; the rest are counted
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    parts_checked: int = 0
+    shards_total: int = 0
+    files_checked: int = 0
+    bytes_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def verify_store(path: str | Path, workers: int = 8) -> VerifyReport:
+    """Check a store; StoreError only when ``path`` is not a store. Checksums run on ``workers`` threads."""
+    layout, info = open_layout(path)
+    report = VerifyReport(str(layout.path), shards_total=int(info["plan"]["n_shards"]))
+    plan = _check_plan(layout, info, report.problems.append)
+    parts = part_files(layout)
+    _check_part_names(layout, parts, report.problems.append)
+    first_seen: dict[str, str] = {}  # example id -> the part that holds it first
+    duplicates: list[str] = []
+    file_checks: list[tuple[Path, str, str, int, str]] = []
+    referenced: set[str] = set()
+    examples = 0
+    for shard, part in parts.items():
+        checked = _check_part(layout, info, shard, part, plan, report.problems.append, file_checks)
+        if checked is None:
+            continue
+        segment, ids = checked
+        referenced.add(segment)
+        report.parts_checked += 1
+        examples += len(ids)
+        for eid in ids:
+            if eid in first_seen:
+                duplicates.append(f"{eid} ({first_seen[eid]} and {part.name})")
+            else:
+                first_seen[eid] = part.name
+    if duplicates:
+        report.problems.append(f"{len(duplicates)} example ids are committed twice: {_some(duplicates)}")
+
+    # the expensive part: every recorded byte, read back and checksummed
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for problem, size in pool.map(lambda job: _check_file(*job), file_checks):
+            report.files_checked += 1
+            report.bytes_checked += size
+            if problem:
+                report.problems.append(problem)
+
+    n_shards, n_examples = int(info["plan"]["n_shards"]), int(info["plan"].get("n_examples", -1))
+    if set(parts) >= set(range(n_shards)):
+        if examples != n_examples and report.parts_checked == len(parts):
+            report.problems.append(f"complete store holds {examples} examples, plan says {n_examples}")
+    else:
+        report.notes.append(f"incomplete: {len(set(parts) & set(range(n_shards)))} of {n_shards} shards committed "
+                            "(not an error; rerun the extract command to finish)")
+    _leftovers(layout, referenced, report.notes.append)
+    return report
+
+
+def _check_part_names(layout: StoreLayout, parts: dict[int, Path], problem: Callable[[str], None]) -> None:
+    """Readers load every ``part-*.parquet``: one the writer would not have named is read all the same."""
+    if not layout.manifests.is_dir():
+        return
+    for p in sorted(layout.manifests.glob("part-*.parquet")):
+        if p not in parts.values() or p.name != layout.part(int(p.stem.split("-", 1)[1])).name:
+            problem(f"manifests/{p.name}: not a part name the writer produces (readers still load it)")
+
+
+def _check_plan(layout: StoreLayout, info: dict, problem: Callable[[str], None]) -> dict[int, dict[str, int]] | None:
+    """plan.parquet against store.json; returns shard -> {example id: n_tokens}, or None if unreadable."""
+    if not layout.plan.is_file():
+        problem("plan.parquet is missing: parts cannot be checked against the plan")
+        return None
+    try:
+        table = pq.read_table(layout.plan)
+        digest = plan_digest(table)
+        ids, shards, tokens = (table[c].to_pylist() for c in ("example_id", "shard_id", "n_tokens"))
+    except Exception as e:  # pyarrow raises several types for a damaged or foreign file
+        problem(f"plan.parquet is unreadable ({type(e).__name__}: {e})")
+        return None
+    summary = info["plan"]
+    if digest != summary.get("sha256"):
+        problem(f"plan.parquet content hash {digest[:16]}... differs from store.json plan.sha256 "
+                f"{str(summary.get('sha256'))[:16]}... (the plan was replaced or edited)")
+    if len(ids) != summary.get("n_examples"):
+        problem(f"plan.parquet has {len(ids)} examples, store.json says {summary.get('n_examples')}")
+    if sum(tokens) != summary.get("n_tokens", sum(tokens)):
+        problem(f"plan.parquet has {sum(tokens)} tokens, store.json says {summary.get('n_tokens')}")
+    if ids and max(shards) + 1 != summary["n_shards"]:
+        problem(f"plan.parquet has {max(shards) + 1} shards, store.json says {summary['n_shards']}")
+    if len(set(ids)) != len(ids):
+        problem(f"plan.parquet lists {len(ids) - len(set(ids))} example ids more than once")
+    by_shard: dict[int, dict[str, int]] = {}
+    for eid, shard, n in zip(ids, shards, tokens, strict=True):
+        by_shard.setdefault(shard, {})[eid] = n
+    return by_shard
+
+
+def _check_part(layout: StoreLayout, info: dict, shard: int, part: Path, plan: dict[int, dict[str, int]] | None,
+                problem: Callable[[str], None], file_checks: list) -> tuple[str, list[str]] | None:
+    """One commit record against itself, its segment's arrays and the plan; queues its file checks.
+
+    Returns (segment, example ids), or None when the part is too damaged to say which examples it holds.
+    """
+    where = f"manifests/{part.name}"
+    try:
+        table = pq.read_table(part)
+        stats = part_stats(part)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        problem(f"{where}: unreadable ({type(e).__name__}: {e})")
+        return None
+    missing = [c for c in _PART_COLUMNS if c not in table.column_names]
+    if missing:
+        problem(f"{where}: columns {missing} are missing")
+        return None
+    ids, shard_ids, segments, offsets, n_tokens, rows = (table[c].to_pylist() for c in _PART_COLUMNS)
+    segment = stats.get("segment")
+    if not stats or not isinstance(segment, str):
+        problem(f"{where}: no commit stats (probecache.shard_stats) naming its segment")
+        return None
+
+    if stats.get("shard_id") != shard or set(shard_ids) - {shard}:
+        problem(f"{where}: records shard {stats.get('shard_id')} / rows of shards {sorted(set(shard_ids))}, "
+                f"its name says shard {shard}")
+    if set(segments) - {segment}:
+        problem(f"{where}: rows name segments {sorted(set(segments) - {segment})}, its stats name {segment}")
+    n, total = len(ids), sum(n_tokens)
+    if stats.get("n_examples") != n or stats.get("n_tokens") != total:
+        problem(f"{where}: {n} rows / {total} tokens, its stats say {stats.get('n_examples')} / "
+                f"{stats.get('n_tokens')}")
+    if sorted(rows) != list(range(n)):
+        problem(f"{where}: rows are not 0..{n - 1}")
+    _check_tiling(where, offsets, n_tokens, ids, total, problem)
+    if len(set(ids)) != n:
+        problem(f"{where}: {n - len(set(ids))} example ids appear twice in the part")
+    _check_against_plan(where, shard, dict(zip(ids, n_tokens, strict=True)), plan, problem)
+
+    attempt = parse_segment(segment)
+    if attempt is None or attempt.shard_id != shard:
+        problem(f"{where}: segment name {segment!r} is not an attempt of shard {shard}")
+        return segment, ids  # never touch a path built from a name we did not write
+    folder = layout.segments / segment
+    if not folder.is_dir():
+        problem(f"{where}: its segment folder segments/{segment} is missing")
+        return segment, ids
+    files = stats.get("files")
+    if not isinstance(files, dict) or not files:
+        problem(f"{where}: records no segment files (committed before checksums were recorded?)")
+    else:
+        _queue_files(layout, segment, files, where, problem, file_checks)
+    _check_shapes(folder, info, where, n, total, problem)
+    return segment, ids
+
+
+def _check_tiling(where: str, offsets: list[int], n_tokens: list[int], ids: list[str], total: int,
+                  problem: Callable[[str], None]) -> None:
+    """Examples must tile [0, T) of the token axis: sorted by offset, each starts where the last ended."""
+    end = 0
+    for offset, n, eid in sorted(zip(offsets, n_tokens, ids, strict=True)):
+        if n <= 0:
+            problem(f"{where}: example {eid} has {n} tokens")
+            return
+        if offset != end:
+            kind = "gap" if offset > end else "overlap"
+            problem(f"{where}: token offsets do not tile [0, {total}): {kind} at {end} (example {eid} "
+                    f"starts at {offset})")
+            return
+        end = offset + n
+
+
+def _check_against_plan(where: str, shard: int, got: dict[str, int], plan: dict[int, dict[str, int]] | None,
+                        problem: Callable[[str], None]) -> None:
+    if plan is None:
+        return
+    expected = plan.get(shard)
+    if expected is None:
+        problem(f"{where}: shard {shard} is not in the plan (shards 0..{max(plan, default=-1)})")
+        return
+    missing = sorted(expected.keys() - got.keys())
+    extra = sorted(got.keys() - expected.keys())
+    wrong = sorted(f"{e} ({got[e]} tokens, plan {expected[e]})" for e in expected.keys() & got.keys()
+                   if got[e] != expected[e])
+    for items, what in ((missing, "planned examples are missing"), (extra, "examples are not planned for this shard"),
+                        (wrong, "examples have other token counts than planned")):
+        if items:
+            problem(f"{where}: {len(items)} {what}: {_some(items)}")
+
+
+def _queue_files(layout: StoreLayout, segment: str, files: dict, where: str, problem: Callable[[str], None],
+                 file_checks: list) -> None:
+    root = layout.segments / segment
+    recorded = set()
+    for rel, entry in files.items():
+        parts = PurePosixPath(rel).parts
+        if PurePosixPath(rel).is_absolute() or ".." in parts or not isinstance(entry, list) or len(entry) != 2:
+            problem(f"{where}: malformed file record {rel!r}: {entry!r}")
+            continue
+        recorded.add(rel)
+        file_checks.append((root, rel, f"segments/{segment}/{rel}", int(entry[0]), str(entry[1])))
+    # a file nobody recorded may be read as data (a stray chunk key) or hide a partial overwrite
+    for directory, _, names in os.walk(root):
+        for name in names:
+            rel = (Path(directory) / name).relative_to(root).as_posix()
+            if rel not in recorded:
+                problem(f"segments/{segment}/{rel}: file is not in the commit record of {where}")
+
+
+def _check_file(root: Path, rel: str, label: str, size: int, crc: str) -> tuple[str | None, int]:
+    """(problem or None, bytes read) for one recorded file."""
+    path = root / rel
+    try:
+        actual_size = path.stat().st_size
+    except FileNotFoundError:
+        return f"{label}: recorded file is missing", 0
+    if actual_size != size:
+        return f"{label}: {actual_size} bytes, {size} recorded (truncated or rewritten)", 0
+    actual = file_crc32c(path)
+    if actual != crc:
+        return f"{label}: crc32c {actual}, {crc} recorded (corrupted)", size
+    return None, size
+
+
+def _check_shapes(folder: Path, info: dict, where: str, n: int, total: int, problem: Callable[[str], None]) -> None:
+    """The arrays' metadata against the rows: hidden (L+1, T, d), mean/last (N, L+1, d), logits (N, V)."""
+    import zarr  # only verify needs it; status and gc stay light
+
+    layers, d = info["model"]["n_layers"], info["model"]["hidden_size"]
+    expected = {
+        "hidden": (layers, max(total, 1), d),  # the writer never creates a zero-length array
+        "mean": (n, layers, d),
+        "last": (n, layers, d),
+    }
+    if info.get("capture", {}).get("logits"):
+        expected["logits"] = (n, info["model"].get("vocab_size"))
+    try:
+        group = zarr.open_group(str(folder), mode="r")
+        for name, shape in expected.items():
+            if name not in group:
+                problem(f"{where}: segment has no {name!r} array")
+                continue
+            actual = tuple(group[name].shape)
+            if actual != shape:
+                problem(f"{where}: {name} has shape {actual}, rows and store.json imply {shape}")
+    except Exception as e:  # zarr raises many types for damaged metadata; the checksums say which file
+        problem(f"{where}: segment arrays cannot be opened ({type(e).__name__}: {e})")
+
+
+def _leftovers(layout: StoreLayout, referenced: set[str], note: Callable[[str], None]) -> None:
+    """Expected debris of the commit protocol: reported so `gc` can be run, never an error."""
+    temps = [p for folder in (layout.path, layout.manifests) if folder.is_dir() for p in folder.glob(".tmp-*")]
+    if temps:
+        note(f"{len(temps)} temp files of interrupted commits ({_some(sorted(p.name for p in temps))}); "
+             "`probecache store gc` removes them")
+    orphans = sorted(set(segment_attempts(layout)) - referenced)
+    if orphans:
+        note(f"{len(orphans)} orphan segments no part references ({_some(orphans)}); readers never see them, "
+             "`probecache store gc` removes old ones")
+    deleting = sorted(p.name for p in layout.segments.glob(".deleting-*")) if layout.segments.is_dir() else []
+    if deleting:
+        note(f"{len(deleting)} segments half-deleted by an interrupted gc ({_some(deleting)}); gc finishes them")
+    if layout.manifests.is_dir():
+        foreign = sorted(p.name for p in layout.manifests.iterdir()
+                         if not p.name.startswith(".") and not (p.name.startswith("part-") and p.suffix == ".parquet"))
+        if foreign:
+            note(f"manifests/ holds files that are not parts (ignored by readers): {_some(foreign)}")
+
+
+def _some(items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOW])
+    return shown + (f", ... (+{len(items) - _SHOW})" if len(items) > _SHOW else "")
