@@ -28,7 +28,7 @@ class LaunchConfig:
     task_index: int | None = None  # this process's share: shards K, K+N, ... (default $SLURM_ARRAY_TASK_ID)
     num_tasks: int | None = None  # N (default $SLURM_ARRAY_TASK_COUNT)
     workers: int = 2  # dask LocalCluster worker processes
-    scheduler: str | None = None  # dask scheduler address; None = a LocalCluster here
+    scheduler: str | None = None  # dask scheduler address, or "slurm" (dask-jobqueue); None = a LocalCluster
     # SLURM array jobs
     partition: str | None = None
     time_limit: str | None = None  # sbatch --time, e.g. 04:00:00
@@ -98,7 +98,10 @@ def run_dask(prep, launch: LaunchConfig, pending: list[int]):
 
     config = _quiet(prep.config)
     cluster = None
-    if launch.scheduler:
+    if launch.scheduler == "slurm":
+        cluster = _slurm_dask_cluster(launch, prep.layout.path / "logs")
+        client = Client(cluster)
+    elif launch.scheduler:
         client = Client(launch.scheduler)
     else:
         cluster = LocalCluster(n_workers=launch.workers, threads_per_worker=1, processes=True,
@@ -118,6 +121,24 @@ def run_dask(prep, launch: LaunchConfig, pending: list[int]):
     totals = RunTotals()
     totals.shards = len(pending)
     return totals
+
+
+def _slurm_dask_cluster(launch: LaunchConfig, logs: Path):
+    """dask workers as SLURM jobs (dask-jobqueue): one single-process worker per job, `--workers` jobs."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise ExtractError("--scheduler slurm needs dask-jobqueue: pip install 'probecache[cluster]'") from None
+    extra = [f"--gres=gpu:{launch.gpus}"] if launch.gpus else []
+    cluster = SLURMCluster(
+        cores=launch.cpus_per_task or 1, processes=1, memory=launch.mem or "4GB", queue=launch.partition,
+        walltime=launch.time_limit or "01:00:00", job_extra_directives=extra, python=sys.executable,
+        # the workers' start-up (imports, model load) must not count against dask's connection timeouts
+        worker_extra_args=["--nthreads", "1"],
+        log_directory=str(logs),  # worker jobs' slurm-*.out next to the store's other logs
+    )
+    cluster.scale(jobs=launch.workers)
+    return cluster
 
 
 def _quiet(config: ExtractConfig) -> ExtractConfig:

@@ -165,7 +165,7 @@ def extract(
     ] = None,
     workers: Annotated[int, typer.Option(rich_help_panel="Cluster", help="dask LocalCluster worker processes.")] = 2,
     scheduler: Annotated[
-        str | None, typer.Option(rich_help_panel="Cluster", help="dask scheduler address (default: a LocalCluster).")
+        str | None, typer.Option(rich_help_panel="Cluster", help="dask scheduler address, or slurm: workers as SLURM jobs (dask-jobqueue). Default: a LocalCluster.")
     ] = None,
     partition: Annotated[str | None, typer.Option(rich_help_panel="Cluster", help="SLURM partition.")] = None,
     time_limit: Annotated[

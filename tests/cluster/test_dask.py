@@ -55,3 +55,11 @@ def test_killing_a_dask_worker_mid_run_still_completes_the_store(extract_config)
     report = verify_store(store.path)
     assert report.ok, report.problems
     assert store.summary()["shards_committed"] == 15 and store.manifest().num_rows == 30
+
+
+def test_dask_workers_as_slurm_jobs_through_dask_jobqueue(slurm_cluster, extract_config):
+    pytest.importorskip("dask_jobqueue")
+    result = extract(extract_config(shard_size=8), LaunchConfig(executor="dask", scheduler="slurm", workers=2,
+                                                                 mem="2GB", time_limit="00:10:00"))
+    store = open_store(result.store_path)
+    assert verify_store(store.path).ok and store.summary()["complete"] and store.manifest().num_rows == 30
