@@ -165,7 +165,11 @@ def extract(
     ] = None,
     workers: Annotated[int, typer.Option(rich_help_panel="Cluster", help="dask LocalCluster worker processes.")] = 2,
     scheduler: Annotated[
-        str | None, typer.Option(rich_help_panel="Cluster", help="dask scheduler address, or slurm: workers as SLURM jobs (dask-jobqueue). Default: a LocalCluster.")
+        str | None,
+        typer.Option(
+            rich_help_panel="Cluster",
+            help="dask scheduler address, or slurm: workers as SLURM jobs (dask-jobqueue). Default: a LocalCluster.",
+        ),
     ] = None,
     partition: Annotated[str | None, typer.Option(rich_help_panel="Cluster", help="SLURM partition.")] = None,
     time_limit: Annotated[
@@ -225,9 +229,18 @@ def extract(
         progress=progress,
     )
     launch = LaunchConfig(
-        executor=executor, task_index=task_index, num_tasks=num_tasks, workers=workers, scheduler=scheduler,
-        partition=partition, time_limit=time_limit, gpus=gpus, cpus_per_task=cpus_per_task, mem=mem,
-        max_parallel=max_parallel, dry_run=dry_run,
+        executor=executor,
+        task_index=task_index,
+        num_tasks=num_tasks,
+        workers=workers,
+        scheduler=scheduler,
+        partition=partition,
+        time_limit=time_limit,
+        gpus=gpus,
+        cpus_per_task=cpus_per_task,
+        mem=mem,
+        max_parallel=max_parallel,
+        dry_run=dry_run,
     )
     try:
         result = run_extract(config, launch)
@@ -239,8 +252,12 @@ def extract(
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        fail(OSError(f"no space left on the device holding {e.filename or config.root}: free space or pass "
-                     "another --root, then rerun (committed shards are kept)"))
+        fail(
+            OSError(
+                f"no space left on the device holding {e.filename or config.root}: free space or pass "
+                "another --root, then rerun (committed shards are kept)"
+            )
+        )
     if result.submitted and not launch.dry_run:
         typer.echo(f"submitted: {result.submitted}")
     typer.echo(f"store: {result.store_path}")
