@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from probecache.store.layout import new_attempt_id
 from tqdm.auto import tqdm
 
 from .config import ExtractConfig
@@ -113,13 +114,14 @@ def run_shards(job: ExtractionJob, shard_ids: list[int]) -> float:
             bar.update(len(batch))
 
         for shard_id in shard_ids:
+            segment = job.layout.segment_name(shard_id, new_attempt_id())
             try:
-                run_shard(job, shard_id, on_batch=on_batch, should_stop=stop.is_set)
+                run_shard(job, shard_id, on_batch=on_batch, should_stop=stop.is_set, segment=segment)
             except Interrupted:
                 job.writer.drain()
                 raise
             except BaseException as error:
-                _write_failure_log(job, shard_id, error)
+                _write_failure_log(job, segment, error)
                 raise
         job.writer.drain()
     return time.perf_counter() - started
@@ -139,15 +141,14 @@ def _stop_on_signals(event: threading.Event):
             signal.signal(sig, handler)
 
 
-def _write_failure_log(job: ExtractionJob, shard_id: int, error: BaseException) -> None:
-    """logs/shard-NNNNN-<time>.failed: what `probecache store status` shows for a failed shard."""
+def _write_failure_log(job: ExtractionJob, segment: str, error: BaseException) -> None:
+    """logs/<segment>.failed: what `probecache store status` shows for a failed shard."""
     if isinstance(error, KeyboardInterrupt):
         return
     try:
         job.layout.path.joinpath("logs").mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-        (job.layout.path / "logs" / f"shard-{shard_id:05d}-{stamp}.failed").write_text(text)
+        (job.layout.path / "logs" / f"{segment}.failed").write_text(text)
     except OSError:
         pass  # e.g. the disk is full: the original error matters more than its log
 

@@ -157,7 +157,7 @@ class _ShardState:
         # else: another attempt committed this shard first; ours is an orphan for `gc`
 
 
-def run_shard(job: ExtractionJob, shard_id: int, on_batch=None, should_stop=None) -> bool:
+def run_shard(job: ExtractionJob, shard_id: int, on_batch=None, should_stop=None, segment: str | None = None) -> bool:
     """Extract one shard unless already committed. Returns False when it was skipped.
 
     The commit is queued behind the shard's writes; call ``job.writer.drain()`` to wait for it. When
@@ -166,7 +166,8 @@ def run_shard(job: ExtractionJob, shard_id: int, on_batch=None, should_stop=None
     if job.layout.part(shard_id).exists():
         return False
     examples = job.plan_by_shard[shard_id]
-    state = _ShardState(job, shard_id, job.layout.segment_name(shard_id, new_attempt_id()), examples)
+    segment = segment or job.layout.segment_name(shard_id, new_attempt_id())
+    state = _ShardState(job, shard_id, segment, examples)
     for batch in batches(examples, job.config.batch_tokens, job.config.max_batch_size):
         crash_point("forward")
         started = time.perf_counter()

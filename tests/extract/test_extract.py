@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -257,3 +258,28 @@ def test_copied_store_still_reads(extract_config, tmp_path):
     copy = tmp_path / "copy" / store.store_id
     shutil.copytree(store.path, copy)
     assert torch.equal(open_store(copy).hidden("r07"), store.hidden("r07"))
+
+
+def test_a_failing_shard_leaves_a_log_that_status_shows_and_a_rerun_resumes(extract_config, monkeypatch):
+    from probecache.extract import shard as shard_module
+    from probecache.store.status import store_status
+
+    real_capture = shard_module.capture
+    config = extract_config()
+
+    def capture_that_runs_out_of_memory(*args, **kwargs):  # a CUDA OOM once the first shard is committed
+        if list(Path(config.root).glob("*/manifests/part-*.parquet")):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_capture(*args, **kwargs)
+
+    monkeypatch.setattr(shard_module, "capture", capture_that_runs_out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        extract(config)
+    (store_path,) = Path(config.root).iterdir()
+    status = store_status(store_path)
+    committed = status["counts"]["committed"]
+    assert committed >= 1 and status["counts"]["failed"] == 1 and status["counts"]["never_started"] == 3 - committed
+    assert "out of memory" in json.dumps(status["shards"]["failed"])  # with the tail of its log
+    monkeypatch.setattr(shard_module, "capture", real_capture)
+    assert extract(config).totals.shards == 4 - committed  # the failed shard and those never started
+    assert open_store(store_path).summary()["complete"]
