@@ -17,7 +17,8 @@ from .config import ExtractConfig
 from .errors import ExtractError
 
 EXECUTORS = ("local", "dask", "slurm")
-SLURM_MAX_ARRAY = 1000  # SLURM's default MaxArraySize is 1001: array indices 0..1000
+SLURM_MAX_ARRAY = 1000
+CLI_NAMES = {"splits": "split"}  # config fields whose option is spelled differently (repeatable --split)  # SLURM's default MaxArraySize is 1001: array indices 0..1000
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def cli_args(config: ExtractConfig) -> list[str]:
         if f.name == "progress":  # tasks log to files: the script passes --no-progress itself
             continue
         value = getattr(config, f.name)
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + CLI_NAMES.get(f.name, f.name).replace("_", "-")
         if f.name in ("root", "data_dir") and value is not None:
             value = str(Path(value).expanduser().resolve())
         if f.name == "model" and Path(value).expanduser().exists():

@@ -19,7 +19,7 @@ from probecache.store.layout import new_attempt_id
 from tqdm.auto import tqdm
 
 from .config import ExtractConfig
-from .errors import ExtractError, Interrupted
+from .errors import Interrupted
 from .launchers import LaunchConfig, run_dask, submit_slurm, task_shards
 from .models import load_model, resolve_dtype
 from .prepare import PreparedStore, freeze_plan, log, prepare
@@ -64,7 +64,7 @@ def extract(config: ExtractConfig, launch: LaunchConfig | None = None) -> Extrac
         totals = run_dask(prep, launch, pending)
         return ExtractResult(prep.layout.path, prep.store_id, False, totals.shards, prep.n_shards, totals, 0.0, 0.0,
                              time.time() - started)
-    mine = task_shards(pending, launch.task_index, launch.num_tasks)
+    mine = task_shards(pending, *launch.resolved_task())
     job = open_job(prep)
     try:
         loop_seconds = run_shards(job, mine)
@@ -172,4 +172,4 @@ def _summary(r: ExtractResult) -> str:
             "of processed tokens")
 
 
-__all__ = ["ExtractError", "ExtractResult", "extract", "open_job", "run_shards"]
+__all__ = ["ExtractResult", "extract", "open_job", "run_shards"]
