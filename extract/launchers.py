@@ -17,8 +17,8 @@ from .config import ExtractConfig
 from .errors import ExtractError
 
 EXECUTORS = ("local", "dask", "slurm")
-SLURM_MAX_ARRAY = 1000
-CLI_NAMES = {"splits": "split"}  # config fields whose option is spelled differently (repeatable --split)  # SLURM's default MaxArraySize is 1001: array indices 0..1000
+SLURM_MAX_ARRAY = 1000  # SLURM's default MaxArraySize is 1001: array indices 0..1000
+CLI_NAMES = {"splits": "split"}  # config fields whose option is spelled differently (repeatable --split)
 
 
 @dataclass(frozen=True)
