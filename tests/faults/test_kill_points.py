@@ -4,8 +4,10 @@ once, values equal to an uninterrupted run. Plus overlapping concurrent extracto
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -136,3 +138,24 @@ def test_full_disk_is_a_clear_error_and_leaves_readers_consistent(tiny_model, ti
                 reader.hidden(eid)  # every visible example reads back
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_sigterm_or_sigusr1_stops_after_the_batch_and_the_rerun_resumes(sig, tiny_model, tiny_csv, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROBECACHE_")}
+    env["PROBECACHE_PAUSE_AT"] = "writer-append:3"  # slow the first shard down so the signal lands mid-shard
+    exe = str(Path(sys.executable).parent / "probecache")
+    root = tmp_path / "stores"
+    proc = subprocess.Popen([exe, *_args(tiny_model, tiny_csv, root)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(root.glob("*/segments/shard-00000-*")):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err[-2000:]
+    assert "interrupted" in err and "rerun the same command" in err
+    store = _store_path(root)
+    assert verify_store(store).ok
+    assert _cli(_args(tiny_model, tiny_csv, root)).returncode == 0
+    assert open_store(store).summary()["complete"] and verify_store(store).ok
