@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -283,3 +284,23 @@ def test_a_failing_shard_leaves_a_log_that_status_shows_and_a_rerun_resumes(extr
     monkeypatch.setattr(shard_module, "capture", real_capture)
     assert extract(config).totals.shards == 4 - committed  # the failed shard and those never started
     assert open_store(store_path).summary()["complete"]
+
+
+def test_resuming_against_a_different_plan_or_config_is_refused_naming_the_difference(extract_config):
+    from probecache.extract.errors import ExtractError
+
+    config = extract_config()
+    store = open_store(extract(config).store_path)
+    store.layout.part(3).unlink()  # an unfinished store, so the rerun has to resume
+    plan = pq.read_table(store.layout.plan)
+    tampered = plan.set_column(3, "n_tokens", pa.array([n + 1 for n in plan["n_tokens"].to_pylist()], pa.int32()))
+    store.layout.plan.chmod(0o644)
+    pq.write_table(tampered, store.layout.plan)
+    with pytest.raises(ExtractError, match="column 'n_tokens' differs"):
+        extract(config)
+    pq.write_table(plan, store.layout.plan)
+    info = json.loads(store.layout.store_json.read_text())
+    info["identity"]["max_tokens"] = 64  # a header that does not describe this extraction
+    store.layout.store_json.write_text(json.dumps(info))
+    with pytest.raises(ExtractError, match=r"differs in: max_tokens"):
+        extract(config)
