@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from probecache.manifests.schema import part_stats
+from probecache.manifests.schema import PART_NAME, committed_part_files, part_stats
 
 from .errors import StoreError
 from .layout import StoreLayout
@@ -73,15 +73,7 @@ def parse_segment(name: str) -> Attempt | None:
 
 def part_files(layout: StoreLayout) -> dict[int, Path]:
     """shard id -> committed part file. Temp files (``.tmp-*``) never match, so they are not commits."""
-    if not layout.manifests.is_dir():
-        return {}
-    out = {}
-    for p in layout.manifests.glob("part-*.parquet"):
-        try:
-            out[int(p.stem.split("-", 1)[1])] = p
-        except ValueError:
-            continue  # not a part name we write; verify reports it
-    return dict(sorted(out.items()))
+    return {int(PART_NAME.match(p.name).group(1)): p for p in committed_part_files(layout.manifests)}
 
 
 def segment_attempts(layout: StoreLayout) -> dict[str, Attempt]:

@@ -53,7 +53,7 @@ def verify_store(path: str | Path, workers: int = 8) -> VerifyReport:
     report = VerifyReport(str(layout.path), shards_total=int(info["plan"]["n_shards"]))
     plan = _check_plan(layout, info, report.problems.append)
     parts = part_files(layout)
-    _check_part_names(layout, parts, report.problems.append)
+    _check_part_names(layout, parts, report.notes.append)
     first_seen: dict[str, str] = {}  # example id -> the part that holds it first
     duplicates: list[str] = []
     file_checks: list[tuple[Path, str, str, int, str]] = []
@@ -94,13 +94,13 @@ def verify_store(path: str | Path, workers: int = 8) -> VerifyReport:
     return report
 
 
-def _check_part_names(layout: StoreLayout, parts: dict[int, Path], problem: Callable[[str], None]) -> None:
-    """Readers load every ``part-*.parquet``: one the writer would not have named is read all the same."""
+def _check_part_names(layout: StoreLayout, parts: dict[int, Path], note: Callable[[str], None]) -> None:
+    """A `part-*.parquet` the writer would not have named (a stray copy) is ignored by readers: say so."""
     if not layout.manifests.is_dir():
         return
     for p in sorted(layout.manifests.glob("part-*.parquet")):
-        if p not in parts.values() or p.name != layout.part(int(p.stem.split("-", 1)[1])).name:
-            problem(f"manifests/{p.name}: not a part name the writer produces (readers still load it)")
+        if p not in parts.values():
+            note(f"manifests/{p.name}: not a part name the writer produces; readers ignore it")
 
 
 def _check_plan(layout: StoreLayout, info: dict, problem: Callable[[str], None]) -> dict[int, dict[str, int]] | None:

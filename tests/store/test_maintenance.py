@@ -389,3 +389,16 @@ def test_cli_bad_older_than_is_one_line_naming_the_forms(store, value):
     assert result.exit_code == 2, result.output
     err = result.stderr.strip()
     assert err.startswith("error: --older-than") and "\n" not in err and "30s, 15m, 6h, 2d" in err
+
+
+def test_a_stray_part_copy_is_ignored_by_readers_and_noted_by_verify(store):
+    from probecache import open_store
+
+    manifests = Path(store) / "manifests"
+    shutil.copy(manifests / "part-00001.parquet", manifests / "part-00001-copy.parquet")
+    reader = open_store(store)
+    ids = reader.manifest()["example_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 30  # the copy adds no duplicate rows
+    assert reader.layout.committed_shards() == {0, 1, 2, 3}
+    report = verify_store(store)
+    assert report.ok and any("part-00001-copy.parquet" in n for n in report.notes)
