@@ -73,19 +73,19 @@ def task_shards(pending: list[int], task_index: int | None, num_tasks: int | Non
 
 # ---- dask -------------------------------------------------------------------------------------------------
 
-_WORKER_JOBS: dict[str, object] = {}  # store id -> ExtractionJob, kept alive per dask worker process
+_WORKER_JOBS: dict[ExtractConfig, object] = {}  # config -> ExtractionJob, kept alive per dask worker process
 
 
 def _dask_shard(config: ExtractConfig, shard_id: int) -> dict:
-    """One dask task: load (once per worker process) and run one shard to its commit."""
+    """One dask task: prepare and load the model once per worker process, then run one shard to its commit."""
     from .prepare import freeze_plan, prepare
     from .run import open_job, run_shards
 
-    prep = prepare(config)
-    job = _WORKER_JOBS.get(prep.store_id)
+    job = _WORKER_JOBS.get(config)
     if job is None:
+        prep = prepare(config)
         freeze_plan(prep)  # identical to the driver's plan, or refused
-        job = _WORKER_JOBS[prep.store_id] = open_job(prep)
+        job = _WORKER_JOBS[config] = open_job(prep)
     before = job.totals.shards
     run_shards(job, [shard_id])
     return {"shard_id": shard_id, "ran": job.totals.shards > before, "pid": os.getpid()}
