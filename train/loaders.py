@@ -1,0 +1,283 @@
+"""Data loaders of the train stage (design.md §7): a pooled tier in memory and a token-level stream.
+
+- **Pooled tier** (:func:`load_pooled`): the per-example ``mean`` / ``last`` arrays of a split, read once
+  (whole arrays per segment, one contiguous layer slice per run of consecutive layers) into one
+  (N, L', d) float32 tensor. Pooling and per-layer linear probes and layer sweeps train on it in seconds.
+- **Token stream** (:class:`TokenStream`): every token of every example of a split, for scoring / MHA probes.
+  Per epoch the segments (shards) holding the split are permuted by a generator seeded with (seed, epoch);
+  each segment's ``hidden`` is read whole (the token range spanning the split's examples) with one contiguous
+  layer slice per run of consecutive layers, split into examples, and pushed into a shuffle buffer bounded
+  by ``buffer_tokens`` real tokens, from which examples are drawn in a seeded random order and padded into
+  batches to the batch's own longest example.
+
+Only the manifest is filtered by split; segments without examples of the split are never opened. zarr
+integer-list selection (~40x slower than a slice) is never used. This module imports neither
+``transformers`` nor the extract stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from probecache.store.codecs import LOGICAL_DTYPES, from_storage
+from probecache.store.reader import Store, open_store
+
+Layers = int | slice | Sequence[int] | None
+
+_MANIFEST_COLUMNS = ["example_id", "label", "n_tokens", "segment", "token_offset", "row"]
+
+
+# ---- shared helpers ---------------------------------------------------------------------------------------
+
+
+def _as_store(store: Store | str | Path) -> Store:
+    return store if isinstance(store, Store) else open_store(store)
+
+
+def _normalize_layers(store: Store, layers: Layers) -> list[int]:
+    n = store.n_layers
+    if layers is None:
+        return list(range(n))
+    if isinstance(layers, slice):
+        return list(range(n))[layers]
+    if isinstance(layers, int):
+        layers = [layers]
+    out = [int(layer) + n if int(layer) < 0 else int(layer) for layer in layers]
+    if not out:
+        raise ValueError("layers is empty: pass None for every layer")
+    if any(not 0 <= layer < n for layer in out):
+        raise ValueError(f"layers {list(layers)} out of range: this store has layers 0..{n - 1}")
+    return out
+
+
+def _layer_runs(layers: list[int]) -> list[slice]:
+    """Consecutive runs of a layer list as slices: [0, 2, 3] -> [0:1, 2:4]."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([layer, layer + 1])
+    return [slice(a, b) for a, b in runs]
+
+
+def _read_runs(read, runs: list[slice], axis: int) -> np.ndarray:
+    """One read per run of consecutive layers, concatenated on the layer axis (stored numpy dtype)."""
+    blocks = [np.asarray(read(run)) for run in runs]
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=axis)
+
+
+def _labels(column) -> torch.Tensor:
+    """The manifest's ``label`` column as int64; a missing label (multi-label-only sources) becomes -1."""
+    return torch.tensor([-1 if v is None else int(v) for v in column.to_pylist()], dtype=torch.long)
+
+
+def _split_manifest(store: Store, split: str | Sequence[str] | None):
+    table = store.manifest(split=split, columns=_MANIFEST_COLUMNS)
+    if table.num_rows == 0:
+        raise ValueError(f"store {store.store_id} has no committed examples of split {split!r}")
+    return table
+
+
+# ---- tier 0: pooled arrays --------------------------------------------------------------------------------
+
+
+@dataclass
+class PooledData:
+    x: torch.Tensor  # (N, L', d) float32
+    y: torch.Tensor  # (N,) int64
+    example_ids: list[str]
+    layers: list[int]
+    label_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.example_ids)
+
+
+def load_pooled(store: Store | str | Path, split: str | Sequence[str] | None, kind: str = "mean",
+                layers: Layers = None) -> PooledData:
+    """Per-example pooled states of a split in manifest order: x (N, L', d) float32, y (N,) from ``label``.
+
+    Each segment's ``kind`` array is read whole (one read per run of consecutive layers), then the split's
+    rows are picked in memory: no per-example reads.
+    """
+    if kind not in ("mean", "last"):
+        raise ValueError(f"kind must be 'mean' or 'last', not {kind!r}")
+    store = _as_store(store)
+    table = _split_manifest(store, split)
+    layer_list = _normalize_layers(store, layers)
+    runs = _layer_runs(layer_list)
+    logical = "float32" if kind == "mean" else store.logical_dtype
+    segments = table["segment"].to_pylist()
+    rows = np.asarray(table["row"].to_pylist(), dtype=np.int64)
+    x = torch.empty((table.num_rows, len(layer_list), store.hidden_size), dtype=torch.float32)
+    for segment in dict.fromkeys(segments):
+        positions = np.flatnonzero(np.asarray(segments, dtype=object) == segment)
+        array = store._group(segment)[kind]
+        block = from_storage(_read_runs(lambda sl, a=array: a[:, sl], runs, axis=1), logical)
+        x[torch.from_numpy(positions)] = block[torch.from_numpy(rows[positions])].to(torch.float32)
+    return PooledData(x=x, y=_labels(table["label"]), example_ids=table["example_id"].to_pylist(),
+                      layers=layer_list, label_names=list(store.label_names))
+
+
+# ---- tier 1: token stream ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    hidden: torch.Tensor  # (B, L', T_max, d), zero padding at the end of the token axis
+    mask: torch.Tensor  # (B, T_max) bool, True on real tokens
+    y: torch.Tensor  # (B,) int64
+    example_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.example_ids)
+
+
+@dataclass
+class _Example:
+    example_id: str
+    label: int
+    offset: int
+    n_tokens: int
+
+
+class TokenStream:
+    """Token-level batches of one split, shuffled with bounded memory; iterate ``stream.epoch(e)``.
+
+    Order: the segments holding the split are permuted by a generator seeded with (seed, epoch); each is read
+    whole and its examples enter a shuffle buffer; whenever the buffer holds more than ``buffer_tokens``
+    real tokens, examples are drawn from it uniformly at random (same generator) until it is back under the
+    bound; at the end it is drained in random order. The sample order is therefore a pure function of
+    (seed, epoch, manifest): identical across runs and machines. ``shuffle=False`` gives manifest order.
+    Every example of the split appears exactly once per epoch; ``len(stream)`` is the number of examples.
+
+    Memory bound: the buffer holds at most ``buffer_tokens`` tokens plus one segment's tokens, stored as
+    ``buffer_tokens x L' x d x bytes per stored value`` (2 B for bf16/fp16, 4 B for fp32) plus one segment
+    being read (L' x T_segment x d values; held twice while it is split into examples), plus the batch being
+    assembled (B x L' x T_max x d in ``dtype``). ``peak_buffered_tokens`` records the largest token count
+    the buffer reached (after a segment's examples were pushed, before any draw).
+
+    Batches are padded (zeros, at the end) to their own longest example; ``dtype`` is the batch dtype
+    (float32 by default; None keeps the stored dtype, e.g. bfloat16).
+    """
+
+    def __init__(self, store: Store | str | Path, split: str | Sequence[str] | None, layers: Layers = None,
+                 batch_size: int = 32, shuffle: bool = True, seed: int = 0, buffer_tokens: int = 65536,
+                 dtype: torch.dtype | None = torch.float32, drop_last: bool = False):
+        if batch_size < 1:
+            raise ValueError("batch_size must be a positive integer")
+        if buffer_tokens < 0:
+            raise ValueError("buffer_tokens must be >= 0")
+        self.store = _as_store(store)
+        self.split = split
+        self.layers = _normalize_layers(self.store, layers)
+        self._runs = _layer_runs(self.layers)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.buffer_tokens = buffer_tokens
+        self.logical_dtype = self.store.logical_dtype
+        self.dtype = LOGICAL_DTYPES[self.logical_dtype][0] if dtype is None else dtype
+        self.drop_last = drop_last
+        self.label_names: list[str] = list(self.store.label_names)
+        self.peak_buffered_tokens = 0
+        self._next_epoch = 0
+
+        table = _split_manifest(self.store, split)
+        cols = [table[c].to_pylist() for c in ("example_id", "label", "segment", "token_offset", "n_tokens")]
+        self.example_ids: list[str] = cols[0]
+        self._segments: dict[str, list[_Example]] = {}  # manifest order, grouped by segment
+        for eid, label, segment, offset, n in zip(*cols, strict=True):
+            self._segments.setdefault(segment, []).append(_Example(eid, -1 if label is None else int(label),
+                                                                    int(offset), int(n)))
+        self.n_tokens = sum(int(n) for n in cols[4])
+
+    def __len__(self) -> int:
+        return len(self.example_ids)
+
+    @property
+    def n_batches(self) -> int:
+        n = len(self)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Successive epochs on successive iterations (0, 1, 2, ...); ``epoch(e)`` picks one explicitly."""
+        epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+        return self.epoch(epoch)
+
+    def _rng(self, epoch: int) -> np.random.Generator:
+        return np.random.default_rng([int(self.seed), int(epoch)])
+
+    def segment_order(self, epoch: int) -> list[str]:
+        names = list(self._segments)
+        if not self.shuffle:
+            return names
+        return [names[i] for i in self._rng(epoch).permutation(len(names))]
+
+    def _read_segment(self, segment: str) -> list[tuple[_Example, torch.Tensor]]:
+        """The split's examples of one segment, each (L', n, d) in the stored dtype, in manifest order."""
+        examples = self._segments[segment]
+        lo = min(e.offset for e in examples)
+        hi = max(e.offset + e.n_tokens for e in examples)
+        array = self.store._group(segment)["hidden"]
+        block = _read_runs(lambda sl: array[sl, lo:hi], self._runs, axis=0)  # (L', hi - lo, d)
+        out = []
+        for e in examples:
+            part = np.ascontiguousarray(block[:, e.offset - lo : e.offset - lo + e.n_tokens])
+            out.append((e, from_storage(part, self.logical_dtype)))
+        return out
+
+    def _samples(self, epoch: int) -> Iterator[tuple[_Example, torch.Tensor]]:
+        rng = self._rng(epoch)
+        names = list(self._segments)
+        order = rng.permutation(len(names)) if self.shuffle else range(len(names))
+        buffer: list[tuple[_Example, torch.Tensor]] = []
+        buffered = 0
+
+        def draw() -> tuple[_Example, torch.Tensor]:  # uniform over the buffer, O(1) swap-remove
+            nonlocal buffered
+            i = int(rng.integers(len(buffer)))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            item = buffer.pop()
+            buffered -= item[0].n_tokens
+            return item
+
+        for index in order:
+            if not self.shuffle:  # manifest order: nothing to mix, no buffer
+                yield from self._read_segment(names[index])
+                continue
+            for item in self._read_segment(names[index]):
+                buffer.append(item)
+                buffered += item[0].n_tokens
+            self.peak_buffered_tokens = max(self.peak_buffered_tokens, buffered)
+            while buffered > self.buffer_tokens:
+                yield draw()
+        while buffer:
+            yield draw()
+
+    def _collate(self, items: list[tuple[_Example, torch.Tensor]]) -> Batch:
+        t_max = max(e.n_tokens for e, _ in items)
+        first = items[0][1]
+        hidden = torch.zeros((len(items), first.shape[0], t_max, first.shape[2]), dtype=self.dtype)
+        mask = torch.zeros((len(items), t_max), dtype=torch.bool)
+        for b, (e, states) in enumerate(items):
+            hidden[b, :, : e.n_tokens] = states
+            mask[b, : e.n_tokens] = True
+        y = torch.tensor([e.label for e, _ in items], dtype=torch.long)
+        return Batch(hidden=hidden, mask=mask, y=y, example_ids=[e.example_id for e, _ in items])
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The batches of one epoch; the same (seed, epoch) always gives the same batches."""
+        pending: list[tuple[_Example, torch.Tensor]] = []
+        for item in self._samples(epoch):
+            pending.append(item)
+            if len(pending) == self.batch_size:
+                yield self._collate(pending)
+                pending = []
+        if pending and not self.drop_last:
+            yield self._collate(pending)
