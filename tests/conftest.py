@@ -66,17 +66,26 @@ TEXTS = [
 ]
 
 
-@pytest.fixture
-def tiny_csv(tmp_path) -> Path:
+def write_reviews_csv(path: Path, positive_every: int = 2) -> Path:
     """30 labelled rows of varied length with a split column (train 20, validation 5, test 5)."""
-    path = tmp_path / "reviews.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "text", "label", "split"])
         for i, text in enumerate(TEXTS):
             split = "train" if i < 20 else "validation" if i < 25 else "test"
-            w.writerow([f"r{i:02d}", text, "pos" if i % 2 == 0 else "neg", split])
+            w.writerow([f"r{i:02d}", text, "pos" if i % positive_every == 0 else "neg", split])
     return path
+
+
+@pytest.fixture(scope="session")
+def reviews_csv_writer():
+    """``write_reviews_csv`` for module-scoped fixtures (function-scoped ``tiny_csv`` cannot serve them)."""
+    return write_reviews_csv
+
+
+@pytest.fixture
+def tiny_csv(tmp_path) -> Path:
+    return write_reviews_csv(tmp_path / "reviews.csv")
 
 
 @pytest.fixture

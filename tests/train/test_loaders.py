@@ -6,7 +6,6 @@ the extractor on the tiny random Llama (L+1 = 4 layers, d = 64).
 
 from __future__ import annotations
 
-import csv
 import subprocess
 import sys
 
@@ -17,31 +16,15 @@ from probecache.train.loaders import Batch, PooledData, TokenStream, load_pooled
 
 SPLITS = {"train": 20, "validation": 5, "test": 5}
 LAYER_CHOICES = [None, [0, 2, 3], [1], [3, 1]]
-TEXTS = [
-    "great film", "terrible acting and a plot with more holes than a sieve", "ok",
-    "I loved every minute of it, from the opening shot to the credits", "meh",
-    "not worth the ticket", "a quiet masterpiece", "boring boring boring boring boring",
-    "the best thing I have seen this year", "dull", "surprisingly moving", "awful dialogue",
-    "charming and funny", "a mess from start to finish, with no redeeming features at all", "fine",
-    "wonderful", "two hours I will never get back", "smart, sharp and beautifully shot", "bad", "good",
-    "an instant classic", "forgettable", "the cast is excellent", "poorly edited", "heartfelt",
-    "a chore to sit through", "delightful", "clumsy", "superb", "lifeless",
-]
 
 
 @pytest.fixture(scope="module")
-def store(tiny_model, tmp_path_factory):
+def store(tiny_model, tmp_path_factory, reviews_csv_writer):
     from probecache.extract.config import ExtractConfig
     from probecache.extract.run import extract
 
     folder = tmp_path_factory.mktemp("loaders")
-    data = folder / "reviews.csv"
-    with open(data, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "text", "label", "split"])
-        for i, text in enumerate(TEXTS):
-            split = "train" if i < 20 else "validation" if i < 25 else "test"
-            w.writerow([f"r{i:02d}", text, "pos" if i % 3 == 0 else "neg", split])
+    data = reviews_csv_writer(folder / "reviews.csv", positive_every=3)
     config = ExtractConfig(dataset=f"csv:{data}", model=str(tiny_model), root=str(folder / "stores"), dtype="bf16",
                            device="cpu", shard_size=6, batch_tokens=96, progress=False)
     return open_store(extract(config).store_path)
