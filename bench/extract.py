@@ -41,7 +41,7 @@ from probecache.extract.config import ExtractConfig  # noqa: E402
 from probecache.extract.datasets import load_dataset  # noqa: E402
 from probecache.extract.models import load_model, resolve_device, resolve_dtype, resolve_model  # noqa: E402
 from probecache.extract.plan import batches, make_plan, select_examples  # noqa: E402
-from probecache.extract.run import _pad_id, extract  # noqa: E402
+from probecache.extract.run import extract, pad_token_id  # noqa: E402
 
 
 def bare_forward_seconds(model, shard_batches, pad_id: int) -> float:
@@ -69,7 +69,7 @@ def prepare(dataset: str, data_dir: str | None, limit: int, model_spec: str, dty
         by_shard.setdefault(p.shard_id, []).append(p)
     all_batches = [b for s in sorted(by_shard) for b in batches(by_shard[s], config.batch_tokens,
                                                                  config.max_batch_size)]
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     bare_forward_seconds(model, all_batches[:2], pad_id)  # warm-up: allocator, kernels
     return config, model, all_batches, pad_id, device
 

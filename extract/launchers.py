@@ -10,7 +10,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from .config import ExtractConfig
@@ -97,7 +97,7 @@ def run_dask(prep, launch: LaunchConfig, pending: list[int]):
 
     from .shard import RunTotals
 
-    config = _quiet(prep.config)
+    config = replace(prep.config, progress=False)  # workers log nothing; the driver reports commits
     cluster = None
     if launch.scheduler == "slurm":
         cluster = _slurm_dask_cluster(launch, prep.layout.path / "logs")
@@ -140,12 +140,6 @@ def _slurm_dask_cluster(launch: LaunchConfig, logs: Path):
     )
     cluster.scale(jobs=launch.workers)
     return cluster
-
-
-def _quiet(config: ExtractConfig) -> ExtractConfig:
-    from dataclasses import replace
-
-    return replace(config, progress=False)
 
 
 # ---- SLURM ------------------------------------------------------------------------------------------------

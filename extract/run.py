@@ -83,7 +83,7 @@ def open_job(prep: PreparedStore) -> ExtractionJob:
     return ExtractionJob(
         config=prep.config, layout=prep.layout, store_id=prep.store_id, dataset_name=prep.dataset.name,
         label_names=list(prep.dataset.label_names), plan_by_shard=prep.by_shard(), model=model,
-        pad_id=_pad_id(prep.tokenizer), logical_dtype=prep.dtype_name, n_layers=mc.num_hidden_layers + 1,
+        pad_id=pad_token_id(prep.tokenizer), logical_dtype=prep.dtype_name, n_layers=mc.num_hidden_layers + 1,
         hidden_size=mc.hidden_size, vocab_size=mc.vocab_size, writer=BackgroundWriter(),
     )
 
@@ -153,7 +153,7 @@ def _write_failure_log(job: ExtractionJob, segment: str, error: BaseException) -
         pass  # e.g. the disk is full: the original error matters more than its log
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
     """Any id works for padding (masked and stripped); prefer the tokenizer's own pad, then eos."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if candidate is not None:

@@ -18,7 +18,7 @@ from probecache.store.codecs import bf16_bits_to_float32, round_mantissa, to_sto
 from probecache.store.commit import create_if_absent
 from probecache.store.faults import crash_point
 from probecache.store.layout import StoreLayout, new_attempt_id
-from probecache.store.segment import SegmentShape, SegmentWriter, directory_bytes
+from probecache.store.segment import SegmentShape, SegmentWriter
 
 from .capture import CapturedBatch, capture
 from .config import ExtractConfig
@@ -112,7 +112,7 @@ class _ShardState:
             self.rows.append(self._manifest_row(planned, row, offset))
             crash_point("writer-append")
         if self.writer.tokens_flushed != flushed_before:
-            job.totals.in_progress_bytes = directory_bytes(self.writer.path / "hidden")
+            job.totals.in_progress_bytes = self.writer.stored_bytes("hidden")
             job.totals.in_progress_raw = self.writer.tokens_flushed * self.writer.shape.hidden_bytes_per_token
 
     def _manifest_row(self, planned: PlannedExample, row: int, offset: int) -> dict:
@@ -139,7 +139,7 @@ class _ShardState:
             "shard_id": self.shard_id, "segment": self.segment, "n_examples": shape.n_examples,
             "n_tokens": shape.n_tokens, "padded_tokens": self.padded_tokens,
             "bytes_stored": bytes_stored, "bytes_raw": shape.raw_bytes,
-            "hidden_bytes_stored": directory_bytes(self.writer.path / "hidden"),
+            "hidden_bytes_stored": self.writer.stored_bytes("hidden"),
             "hidden_bytes_raw": shape.n_tokens * shape.hidden_bytes_per_token,
             "seconds": round(time.time() - self.started, 3),
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -13,7 +13,6 @@ encoding each shard itself (see shard_encoding.py) and storing it through zarr's
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -89,6 +88,10 @@ class SegmentWriter:
         self._rows = 0
         self.files: dict[str, tuple[int, str]] = {}  # relative path -> (size, crc32c), filled by close()
 
+    def stored_bytes(self, array: str = "hidden") -> int:
+        """Bytes on disk of one array's files so far, from the writer's own record (no directory walk)."""
+        return sum(size for key, (size, _) in self.files.items() if key.startswith(array + "/"))
+
     @property
     def tokens_flushed(self) -> int:
         return self._flushed
@@ -154,7 +157,3 @@ class SegmentWriter:
             )
         self.files = segment_files(self.path, known=self.files)
         return sum(size for size, _ in self.files.values())
-
-
-def directory_bytes(path: Path) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
