@@ -289,6 +289,10 @@ from probecache.cli_store import store_app  # noqa: E402
 
 app.add_typer(store_app, name="store")
 
+from probecache.cli_train import register as _register_train  # noqa: E402
+
+_register_train(app)
+
 
 def main() -> None:  # `python -m probecache`
     app(prog_name="probecache")

@@ -17,11 +17,13 @@ integer-list selection (~40x slower than a slice) is never used. This module imp
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from probecache.store.codecs import LOGICAL_DTYPES, from_storage
 from probecache.store.reader import Store, open_store
@@ -76,10 +78,13 @@ def _labels(column) -> torch.Tensor:
     return torch.tensor([-1 if v is None else int(v) for v in column.to_pylist()], dtype=torch.long)
 
 
-def _split_manifest(store: Store, split: str | Sequence[str] | None):
-    table = store.manifest(split=split, columns=_MANIFEST_COLUMNS)
+def _split_manifest(store: Store, split: str | Sequence[str] | None, ids: Collection[str] | None = None):
+    """The manifest rows of a split (optionally only the examples in ``ids``: a carved subset), storage order."""
+    expr = None if ids is None else pc.field("example_id").isin(pa.array(sorted(ids), type=pa.string()))
+    table = store.manifest(split=split, columns=_MANIFEST_COLUMNS, filter=expr)
     if table.num_rows == 0:
-        raise ValueError(f"store {store.store_id} has no committed examples of split {split!r}")
+        subset = "" if ids is None else f" among the {len(ids)} example ids given"
+        raise ValueError(f"store {store.store_id} has no committed examples of split {split!r}{subset}")
     return table
 
 
@@ -99,16 +104,16 @@ class PooledData:
 
 
 def load_pooled(store: Store | str | Path, split: str | Sequence[str] | None, kind: str = "mean",
-                layers: Layers = None) -> PooledData:
+                layers: Layers = None, ids: Collection[str] | None = None) -> PooledData:
     """Per-example pooled states of a split in manifest order: x (N, L', d) float32, y (N,) from ``label``.
 
     Each segment's ``kind`` array is read whole (one read per run of consecutive layers), then the split's
-    rows are picked in memory: no per-example reads.
+    rows are picked in memory: no per-example reads. ``ids`` keeps only those examples of the split.
     """
     if kind not in ("mean", "last"):
         raise ValueError(f"kind must be 'mean' or 'last', not {kind!r}")
     store = _as_store(store)
-    table = _split_manifest(store, split)
+    table = _split_manifest(store, split, ids)
     layer_list = _normalize_layers(store, layers)
     runs = _layer_runs(layer_list)
     logical = "float32" if kind == "mean" else store.logical_dtype
@@ -163,12 +168,14 @@ class TokenStream:
     the buffer reached (after a segment's examples were pushed, before any draw).
 
     Batches are padded (zeros, at the end) to their own longest example; ``dtype`` is the batch dtype
-    (float32 by default; None keeps the stored dtype, e.g. bfloat16).
+    (float32 by default; None keeps the stored dtype, e.g. bfloat16). ``ids`` keeps only those examples of
+    the split (a validation set carved from train, for instance).
     """
 
     def __init__(self, store: Store | str | Path, split: str | Sequence[str] | None, layers: Layers = None,
                  batch_size: int = 32, shuffle: bool = True, seed: int = 0, buffer_tokens: int = 65536,
-                 dtype: torch.dtype | None = torch.float32, drop_last: bool = False):
+                 dtype: torch.dtype | None = torch.float32, drop_last: bool = False,
+                 ids: Collection[str] | None = None):
         if batch_size < 1:
             raise ValueError("batch_size must be a positive integer")
         if buffer_tokens < 0:
@@ -188,7 +195,7 @@ class TokenStream:
         self.peak_buffered_tokens = 0
         self._next_epoch = 0
 
-        table = _split_manifest(self.store, split)
+        table = _split_manifest(self.store, split, ids)
         cols = [table[c].to_pylist() for c in ("example_id", "label", "segment", "token_offset", "n_tokens")]
         self.example_ids: list[str] = cols[0]
         self._segments: dict[str, list[_Example]] = {}  # manifest order, grouped by segment

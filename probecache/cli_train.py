@@ -1,0 +1,199 @@
+"""`probecache train`, `probecache eval` and `probecache report`: probes from a store, without the LLM.
+
+No `from __future__ import annotations` here: typer evaluates the option annotations, and they name choices
+imported inside `register` (the train stage loads only when these commands are registered).
+"""
+
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from probecache.cli_common import USER_ERRORS, fail, print_table
+
+_PROBE = "Probe"
+_TRAIN = "Training (repeat an option to sweep it)"
+_BASE = "Baselines (linear, muli, tfidf)"
+_DATA = "Data"
+_OUT = "Output"
+
+
+def parse_layers(spec: str | None, n_layers: int) -> list[int] | None:
+    """'0-4,10,-1' -> [0, 1, 2, 3, 4, 10, n_layers - 1]; None or 'all' -> None (every layer)."""
+    if spec is None or spec.strip().lower() == "all":
+        return None
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise ValueError(f"--layers {spec!r} is not a layer list: use e.g. 0-4,10,-1 (0 = embedding output)") from None
+    out = [layer + n_layers if layer < 0 else layer for layer in out]
+    if any(not 0 <= layer < n_layers for layer in out):
+        raise ValueError(f"--layers {spec!r} is out of range: this store has layers 0..{n_layers - 1}")
+    return sorted(dict.fromkeys(out))
+
+
+def open_store_arg(store: str, root: str | None):
+    """A store folder, or a store id under --root / $PROBECACHE_ROOT."""
+    from probecache.extract.config import default_root
+    from probecache.store.reader import open_store
+
+    path = Path(store).expanduser()
+    if not (path / "store.json").is_file() and not path.is_absolute() and "/" not in store:
+        candidate = Path(root or default_root()) / store
+        if (candidate / "store.json").is_file():
+            path = candidate
+    return open_store(path)
+
+
+def _fmt(m: dict | None, name: str) -> str:
+    if m is None or m.get(name) is None:
+        return "—"
+    return f"{m[name]:.3f}"
+
+
+def register(app: typer.Typer) -> None:
+    from probecache.train.metrics import METRICS
+    from probecache.train.probes import POOLS
+    from probecache.train.runner import ALL_PROBES, READOUTS
+    from probecache.train.runs import default_runs_dir
+    from probecache.train.trainer import CLASS_WEIGHTS
+
+    @app.command(epilog="Examples:\n\n  probecache train --store stores/rotten_tomatoes-XXXX --probe scoring\n\n"
+                        "  probecache train --store STORE --probe mha --downcast 8 --downcast 32 --lr 1e-4 --lr 3e-4 "
+                        "--seeds 3\n\n  probecache train --store STORE --probe linear   (per-layer curve)")
+    def train(
+        store: Annotated[str, typer.Option(help="Store folder (printed as `store: ...` by extract), or a store id "
+                                                "under --root.", rich_help_panel=_DATA)],
+        probe: Annotated[str, typer.Option(help=f"One of {', '.join(ALL_PROBES)}.", rich_help_panel=_PROBE)],
+        pool: Annotated[list[str], typer.Option(help=f"pooling / mha: {' or '.join(POOLS)} pooling.",
+                                                rich_help_panel=_PROBE)] = ["mean"],  # noqa: B006
+        downcast: Annotated[list[int], typer.Option(help="mha: d_inner = hidden size / downcast.",
+                                                    rich_help_panel=_PROBE)] = [8],  # noqa: B006
+        heads: Annotated[list[int], typer.Option(help="mha: attention heads [default: 8, or the most of 4/2/1 that "
+                                                      "divide d_inner].", rich_help_panel=_PROBE,
+                                                 show_default=False)] = [],  # noqa: B006
+        layers: Annotated[str | None, typer.Option(help="Layer subset, e.g. 0-4,20,-1 (0 = embedding output) "
+                                                        "[default: all].", rich_help_panel=_PROBE)] = None,
+        lr: Annotated[list[float], typer.Option(help="AdamW learning rate.", rich_help_panel=_TRAIN)] = [1e-3],  # noqa: B006
+        weight_decay: Annotated[list[float], typer.Option(rich_help_panel=_TRAIN)] = [0.01],  # noqa: B006
+        batch_size: Annotated[list[int], typer.Option(rich_help_panel=_TRAIN)] = [32],  # noqa: B006
+        class_weight: Annotated[list[str], typer.Option(help=f"{' or '.join(CLASS_WEIGHTS)} (balanced: inverse "
+                                                             "class frequency).", rich_help_panel=_TRAIN)
+                                ] = ["none"],  # noqa: B006
+        epochs: Annotated[int, typer.Option(help="At most this many epochs.", rich_help_panel=_TRAIN)] = 10,
+        patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation "
+                                                   "metric.", rich_help_panel=_TRAIN)] = 3,
+        seeds: Annotated[int, typer.Option(help="Seeds per configuration (0..N-1): results are mean ± std.",
+                                           rich_help_panel=_TRAIN)] = 1,
+        metric: Annotated[str | None, typer.Option(help=f"Selection metric: {' or '.join(METRICS)} [default: f1 "
+                                                        "for toxic/harm/unsafe labels, else accuracy].",
+                                                   rich_help_panel=_TRAIN)] = None,
+        c: Annotated[list[float], typer.Option("--C", help="Inverse L2/L1 strength, chosen on validation "
+                                                           "[default: linear 1; muli 0.01..10; tfidf 0.1..10].",
+                                               rich_help_panel=_BASE, show_default=False)] = [],  # noqa: B006
+        readout: Annotated[str, typer.Option(help=f"linear: {' or '.join(READOUTS)} state per layer.",
+                                             rich_help_panel=_BASE)] = "mean",
+        root: Annotated[str | None, typer.Option(help="Where store ids are looked up [default: $PROBECACHE_ROOT "
+                                                      "or stores].", rich_help_panel=_DATA)] = None,
+        train_split: Annotated[str, typer.Option(rich_help_panel=_DATA)] = "train",
+        validation_split: Annotated[str, typer.Option(help="Carved from train (stratified) when the store has "
+                                                           "none.", rich_help_panel=_DATA)] = "validation",
+        test_split: Annotated[str, typer.Option(help="Read once, for the selected configuration; 'none' skips "
+                                                     "it.", rich_help_panel=_DATA)] = "test",
+        validation_fraction: Annotated[float, typer.Option(rich_help_panel=_DATA)] = 0.1,
+        buffer_tokens: Annotated[int, typer.Option(help="Shuffle buffer bound (tokens): memory = tokens x layers x "
+                                                        "d x 2 B.", rich_help_panel=_DATA)] = 65536,
+        runs_dir: Annotated[str, typer.Option(help="Where run folders go [default: $PROBECACHE_RUNS or runs].",
+                                              rich_help_panel=_OUT, show_default=False)] = "",
+        device: Annotated[str, typer.Option(help="cpu or cuda[:N].", rich_help_panel=_OUT)] = "cpu",
+        progress: Annotated[bool, typer.Option(help="Progress bars on stderr.", rich_help_panel=_OUT)] = True,
+    ) -> None:
+        """Train a probe (or a sweep of them, reading each batch once) on a store; select on validation, test once.
+
+        Writes runs/<id>/ (config.json, metrics.json, probe.safetensors, results.md, plots/) and prints
+        `run: <path>` last.
+        """
+        from probecache.train.runner import TrainOptions, train_run
+        from probecache.train.sweep import Grid
+
+        try:
+            st = open_store_arg(store, root)
+            grid = Grid(probe, pools=pool, downcasts=downcast, heads=heads or [None], lrs=lr,
+                        weight_decays=weight_decay, batch_sizes=batch_size, class_weights=class_weight,
+                        seeds=list(range(seeds)), epochs=epochs, patience=patience)
+            if seeds < 1:
+                raise ValueError("--seeds must be at least 1")
+            if metric is not None and metric not in METRICS:
+                raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+            if len(class_weight) != 1 and probe in ("linear", "muli", "tfidf"):
+                raise ValueError("baselines take a single --class-weight")
+            options = TrainOptions(probe=probe, grid=grid, cs=tuple(c) or None, readout=readout,
+                                   class_weight=class_weight[0], layers=parse_layers(layers, st.n_layers),
+                                   metric=metric, train_split=train_split, validation_split=validation_split,
+                                   test_split=None if test_split.lower() == "none" else test_split,
+                                   validation_fraction=validation_fraction, runs_dir=runs_dir or default_runs_dir(),
+                                   device=device, buffer_tokens=buffer_tokens, progress=progress)
+            run_dir = train_run(st, options)
+        except (*USER_ERRORS, ValueError) as e:
+            fail(e)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        results = (run_dir / "results.md").read_text()
+        typer.echo(results.rstrip())
+        val, tst = metrics["validation"], metrics["test"]
+        name = metrics["metric"]
+        typer.echo(f"saved probe: validation {name} {_fmt(val, name)}, test {name} {_fmt(tst, name)} "
+                   f"(threshold tuned on validation; at 0.5: {_fmt(tst and tst['at_0.5'], name)})")
+        typer.echo(f"run: {run_dir.resolve()}")
+
+    @app.command(name="eval")
+    def eval_(
+        run: Annotated[str, typer.Option(help="A run folder (printed as `run: ...` by train).")],
+        store: Annotated[str, typer.Option(help="A store extracted with the same model (any dataset: "
+                                                "out-of-distribution evaluation).")],
+        split: Annotated[str, typer.Option(help="Split of the store to evaluate.")] = "test",
+        root: Annotated[str | None, typer.Option(help="Where store ids are looked up.")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
+        device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+    ) -> None:
+        """Evaluate a trained probe on a split of a store (refuses stores of another model)."""
+        from probecache.train.runner import evaluate_run
+
+        try:
+            metrics = evaluate_run(run, open_store_arg(store, root), split, device=device)
+        except (*USER_ERRORS, ValueError) as e:
+            fail(e)
+        if as_json:
+            typer.echo(json.dumps(metrics))
+            return
+        rows = [["metric", f"threshold {metrics['threshold']:.3g}" if metrics["threshold"] is not None else "argmax",
+                 "at 0.5"]]
+        for name in ("accuracy", "f1", "macro_f1", "auroc", "auprc"):
+            rows.append([name, _fmt(metrics, name), _fmt(metrics["at_0.5"], name)])
+        print_table(rows)
+        typer.echo(f"n = {metrics['n']}; confusion (rows = true class): {metrics['confusion']}")
+
+    @app.command()
+    def report(
+        runs_dir: Annotated[str, typer.Option(help="Folder of runs [default: $PROBECACHE_RUNS or runs].",
+                                              show_default=False)] = "",
+        out: Annotated[str | None, typer.Option(help="Where report.md/.parquet/.png go [default: RUNS_DIR/report].")
+                       ] = None,
+    ) -> None:
+        """The results table (Markdown + Parquet) and plots of every run."""
+        from probecache.train.report import write_report
+
+        try:
+            paths = write_report(runs_dir or default_runs_dir(), out)
+        except (ValueError, FileNotFoundError) as e:
+            fail(e)
+        for kind, path in paths.items():
+            typer.echo(f"{kind}: {path}")
