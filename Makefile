@@ -1,6 +1,9 @@
 # probecache: `make extract` then `make test` on a fresh machine. The first target run creates .venv.
 #
 #   make extract [DATASET=rotten_tomatoes] [MODEL=smollm2-135m] [LIMIT=N] [ROOT=stores] [DATA_DIR=DIR] [ARGS=...]
+#   make train [PROBE=scoring|pooling|mha|linear|muli|tfidf] [DOWNCAST=8] [HEADS=8] [SEEDS=1] [EPOCHS=10]
+#              [STORE=path: default the store of the last `make extract`] [RUNS=runs] [ARGS=...]
+#   make sweep [PROBE=scoring] [SWEEP=grid options] | make report [RUNS=runs]
 #   make test | make bench [QUICK=1] [DATA_DIR=../shared/data] | make lint
 #
 # TORCH is the pip requirement for PyTorch: the CPU wheel here. On a GPU box set it to a CUDA build (index
@@ -19,11 +22,23 @@ LIMIT ?= 2000
 ROOT ?=
 DATA_DIR ?=
 ARGS ?=
+PROBE ?= scoring
+DOWNCAST ?= 8
+HEADS ?=
+SEEDS ?=
+EPOCHS ?=
+RUNS ?= runs
+# The store `make extract` printed last (`store: <path>`), unless STORE is given.
+LAST_STORE := .last-store
+STORE ?= $(shell cat $(LAST_STORE) 2>/dev/null)
+# make sweep: the grid (each repeated option is swept; every batch is read once for all variants)
+SWEEP ?= --lr 1e-4 --lr 3e-4 --lr 1e-3 --seeds 3 $(if $(filter mha,$(PROBE)),--downcast 8 --downcast 32)
 
+SHELL := /bin/bash
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.probecache-installed
 
-.PHONY: venv extract test bench lint clean-stores
+.PHONY: venv extract train sweep report test bench lint clean-stores
 
 venv: $(STAMP)
 
@@ -36,8 +51,24 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 extract: $(STAMP)
-	$(BIN)/probecache extract --dataset $(DATASET) --model $(MODEL) \
-		$(if $(LIMIT),--limit $(LIMIT)) $(if $(ROOT),--root $(ROOT)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
+	set -o pipefail; $(BIN)/probecache extract --dataset $(DATASET) --model $(MODEL) \
+		$(if $(LIMIT),--limit $(LIMIT)) $(if $(ROOT),--root $(ROOT)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS) \
+		| tee $(LAST_STORE).log
+	sed -n 's/^store: //p' $(LAST_STORE).log | tail -n 1 > $(LAST_STORE)
+
+COMMON_TRAIN_ARGS = --store "$(STORE)" --probe $(PROBE) --runs-dir $(RUNS) $(if $(HEADS),--heads $(HEADS)) \
+	$(if $(SEEDS),--seeds $(SEEDS)) $(if $(EPOCHS),--epochs $(EPOCHS))
+
+train: $(STAMP)
+	@test -n "$(STORE)" || { echo "error: no store yet: run make extract first, or pass STORE=<store folder>" >&2; exit 2; }
+	$(BIN)/probecache train $(COMMON_TRAIN_ARGS) $(if $(filter mha,$(PROBE)),--downcast $(DOWNCAST)) $(ARGS)
+
+sweep: $(STAMP)
+	@test -n "$(STORE)" || { echo "error: no store yet: run make extract first, or pass STORE=<store folder>" >&2; exit 2; }
+	$(BIN)/probecache train $(COMMON_TRAIN_ARGS) $(SWEEP) $(ARGS)
+
+report: $(STAMP)
+	$(BIN)/probecache report --runs-dir $(RUNS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

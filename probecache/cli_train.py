@@ -62,7 +62,7 @@ def _fmt(m: dict | None, name: str) -> str:
 
 def register(app: typer.Typer) -> None:
     from probecache.train.metrics import METRICS
-    from probecache.train.probes import POOLS
+    from probecache.train.probes import NORMS, POOLS
     from probecache.train.runner import ALL_PROBES, READOUTS
     from probecache.train.runs import default_runs_dir
     from probecache.train.trainer import CLASS_WEIGHTS
@@ -76,6 +76,10 @@ def register(app: typer.Typer) -> None:
         probe: Annotated[str, typer.Option(help=f"One of {', '.join(ALL_PROBES)}.", rich_help_panel=_PROBE)],
         pool: Annotated[list[str], typer.Option(help=f"pooling / mha: {' or '.join(POOLS)} pooling.",
                                                 rich_help_panel=_PROBE)] = ["mean"],  # noqa: B006
+        norm: Annotated[list[str], typer.Option(help=f"{' or '.join(NORMS)}: rms scales every token vector to unit "
+                                                     "RMS before stage 1 (tames massive activations; none = the "
+                                                     "paper's raw states).", rich_help_panel=_PROBE)
+                        ] = ["rms"],  # noqa: B006
         downcast: Annotated[list[int], typer.Option(help="mha: d_inner = hidden size / downcast.",
                                                     rich_help_panel=_PROBE)] = [8],  # noqa: B006
         heads: Annotated[list[int], typer.Option(help="mha: attention heads [default: 8, or the most of 4/2/1 that "
@@ -127,7 +131,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             st = open_store_arg(store, root)
-            grid = Grid(probe, pools=pool, downcasts=downcast, heads=heads or [None], lrs=lr,
+            grid = Grid(probe, pools=pool, norms=norm, downcasts=downcast, heads=heads or [None], lrs=lr,
                         weight_decays=weight_decay, batch_sizes=batch_size, class_weights=class_weight,
                         seeds=list(range(seeds)), epochs=epochs, patience=patience)
             if seeds < 1:

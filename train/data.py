@@ -12,8 +12,9 @@ Batch sources (both yield :class:`~probecache.train.loaders.Batch` with hidden (
 - :class:`TokenBatches`: the token-level stream (scoring, MHA, max pooling) in the stored dtype (bf16): the
   probes cast one layer at a time, so a batch is never widened whole.
 - :class:`PooledBatches`: the pooled tier (the per-layer mean over tokens the extractor stored) presented as
-  one-token sequences, (B, L', 1, d) with an all-true mask. For the mean-pooling probe this *is* its stage 1
-  (the mean of a single token is that token), up to float summation order, at a fraction of the reads.
+  one-token sequences, (B, L', 1, d) with an all-true mask. For the mean-pooling probe on raw states
+  (``norm="none"``) this *is* its stage 1 (the mean of a single token is that token), up to float summation
+  order, at a fraction of the reads.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from probecache.store.reader import Store
 
 from .loaders import Batch, Layers, TokenStream, load_pooled
+from .probes import ProbeConfig
 
 VALIDATION_FRACTION = 0.1
 CARVE_SEED = 0
@@ -181,13 +183,15 @@ class PooledBatches:
                         y=self.data.y[idx], example_ids=[self.data.example_ids[i] for i in idx.tolist()])
 
 
-def uses_pooled_tier(probe: str, pool: str) -> bool:
-    """Mean pooling reads the stored per-layer means; every other probe needs the tokens."""
-    return probe == "pooling" and pool == "mean"
+def uses_pooled_tier(probe: str, pool: str, norm: str) -> bool:
+    """Mean pooling of raw states reads the stored per-layer means; everything else needs the tokens (the mean
+    of RMS-normalised tokens is not the normalised mean)."""
+    return probe == "pooling" and pool == "mean" and norm == "none"
 
 
-def batch_source(store: Store, spec: SplitSpec, probe: str, pool: str, layers: Layers, batch_size: int,
+def batch_source(store: Store, spec: SplitSpec, probe: ProbeConfig, layers: Layers, batch_size: int,
                  shuffle: bool, seed: int = 0, buffer_tokens: int = 65536) -> TokenBatches | PooledBatches:
-    if uses_pooled_tier(probe, pool):
+    """The batches ``probe`` reads: the pooled tier where it is exact, else the token stream."""
+    if uses_pooled_tier(probe.name, probe.pool, probe.norm):
         return PooledBatches(store, spec, layers, batch_size, shuffle, seed)
     return TokenBatches(store, spec, layers, batch_size, shuffle, seed, buffer_tokens)

@@ -32,6 +32,12 @@ Decisions the paper leaves open, made here:
 - Scoring gates start at w = 0, i.e. as plain mean pooling in both stages (the init is deterministic
   and the gradient at w = 0 is not zero). Because tanh bounds the scores to [-1, 1], one gate can up-weight
   a token at most e^2 ~ 7.4 times over another: that is the paper's definition and kept as is.
+- Input normalisation (``norm="rms"``, the default; not in the paper): every token vector of every layer is
+  divided by its root mean square before stage 1, as the LLM's own RMSNorm does before each block. Llama-family
+  residual streams carry "massive activations" (SmolLM2-135M, layers 5-25: one dimension reaches 2.6e4 on the
+  first token and holds 98 % of the layer's energy); raw, they saturate the tanh gate and the attention
+  softmax. Measured on Rotten Tomatoes (1,600 train, validation accuracy): scoring 0.835 -> 0.91, MHA/32
+  ~0.65 at any lr -> 0.90-0.92. ``norm="none"`` keeps the paper's raw inputs.
 - Compute dtype: ``hidden`` of any dtype is cast to the probe's parameter dtype (float32 unless the
   caller converted the probe), one layer at a time so a bf16 batch is never widened whole.
 - A binary task (n_classes = 2) has a single logit (use BCE-with-logits); more classes one logit each.
@@ -51,8 +57,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 POOLS = ("mean", "max")
+NORMS = ("none", "rms")
 FORMAT_VERSION = "1"
 _CONFIG_KEY = "probecache.probe_config"
+_RMS_EPS = 1e-6
 _FORMAT_KEY = "probecache.probe_format"
 
 
@@ -67,12 +75,15 @@ class ProbeConfig:
     pool: str = "mean"  # "mean" | "max": the pooling probe's operator, and how mha pools its outputs
     downcast: int = 8  # mha: d_inner = hidden_size / downcast
     heads: int = 8  # mha: attention heads, each of size d_inner / heads
+    norm: str = "rms"  # "rms": every token vector scaled to unit RMS before stage 1 (parameter-free); "none"
 
     def __post_init__(self) -> None:
         if self.name not in PROBES:
             raise ValueError(f"unknown probe {self.name!r}: choose one of {', '.join(PROBES)}")
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}: choose one of {', '.join(POOLS)}")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}: choose one of {', '.join(NORMS)}")
         for field in ("n_layers", "hidden_size", "downcast", "heads"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be a positive integer, got {getattr(self, field)}")
@@ -209,6 +220,8 @@ class Probe(nn.Module):
             # cast one layer at a time (a bf16 batch is never widened whole); zero padding so no garbage,
             # however large, can reach a sum or a matmul
             x = hidden[:, layer].to(dtype).masked_fill(~mask[..., None], 0.0)  # (B, T, d)
+            if cfg.norm == "rms":  # padded rows stay 0 (0 * rsqrt(eps))
+                x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + _RMS_EPS)
             summaries.append(block(x, mask))  # (B, d)
         return torch.stack(summaries, dim=1)  # (B, L1, d)
 

@@ -268,7 +268,7 @@ def evaluate_run(run_dir: str | Path, store: Store, split: str = "test", device:
     spec, probe, threshold = SplitSpec(split), config["probe"], config["threshold"]
     if probe in PROBES:
         model, probe_config = load_probe(run_dir / "probe.safetensors", device=device)
-        source = batch_source(store, spec, probe_config.name, probe_config.pool, config["layers"], batch_size, False)
+        source = batch_source(store, spec, probe_config, config["layers"], batch_size, False)
         pred = predict([model], source.epoch(0), device)
         labels, scores = pred.labels, pred.scores[0]
     else:

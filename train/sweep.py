@@ -35,6 +35,7 @@ def auto_heads(d_inner: int) -> int:
 class Grid:
     probe: str
     pools: Sequence[str] = ("mean",)
+    norms: Sequence[str] = ("rms",)
     downcasts: Sequence[int] = (8,)
     heads: Sequence[int | None] = (None,)  # None: auto_heads
     lrs: Sequence[float] = (1e-3,)
@@ -52,12 +53,13 @@ def expand_grid(grid: Grid, n_layers: int, hidden_size: int, n_classes: int) -> 
     downcasts = grid.downcasts if grid.probe == "mha" else (8,)
     heads_options = grid.heads if grid.probe == "mha" else (8,)
     variants: dict[Variant, None] = {}
-    for pool, downcast, heads, lr, wd, bs, cw, seed in itertools.product(
-            pools, downcasts, heads_options, grid.lrs, grid.weight_decays, grid.batch_sizes, grid.class_weights,
-            grid.seeds):
+    for norm, pool, downcast, heads, lr, wd, bs, cw, seed in itertools.product(
+            grid.norms, pools, downcasts, heads_options, grid.lrs, grid.weight_decays, grid.batch_sizes,
+            grid.class_weights, grid.seeds):
         if heads is None:
             heads = auto_heads(hidden_size // downcast) if hidden_size % downcast == 0 else 1
-        probe = ProbeConfig(grid.probe, n_layers, hidden_size, n_classes, pool=pool, downcast=downcast, heads=heads)
+        probe = ProbeConfig(grid.probe, n_layers, hidden_size, n_classes, pool=pool, downcast=downcast, heads=heads,
+                            norm=norm)
         train = TrainConfig(lr=lr, weight_decay=wd, batch_size=bs, epochs=grid.epochs, patience=grid.patience,
                             class_weight=cw, seed=seed)
         variants[Variant(probe, train)] = None  # dict: ordered de-duplication
@@ -120,16 +122,15 @@ def run_sweep(store, variants: Sequence[Variant], splits: Splits, metric: str, l
     """Train every variant (one shared pass per batch-size/tier group), select on validation, test once."""
     class_counts = np.bincount(labels_of(store, splits.train), minlength=variants[0].probe.n_classes)
     groups: dict[tuple, list[Variant]] = {}
-    for v in variants:
-        tier = uses_pooled_tier(v.probe.name, v.probe.pool)
-        groups.setdefault((v.train.batch_size, tier, v.probe.pool if v.probe.name == "pooling" else ""), []).append(v)
+    for v in variants:  # one shared pass per batch size and data tier
+        groups.setdefault((v.train.batch_size, uses_pooled_tier(v.probe.name, v.probe.pool, v.probe.norm)),
+                          []).append(v)
     fitted: dict[Variant, FitResult] = {}
-    for (batch_size, _, _), group in groups.items():
+    for (batch_size, _), group in groups.items():
         first = group[0].probe
 
         def source(spec: SplitSpec, shuffle: bool, first=first, batch_size=batch_size):
-            return batch_source(store, spec, first.name, first.pool, layers, batch_size, shuffle, data_seed,
-                                buffer_tokens)
+            return batch_source(store, spec, first, layers, batch_size, shuffle, data_seed, buffer_tokens)
 
         desc = f"{first.name} bs={batch_size}"
         for result in fit_shared(group, source(splits.train, True), source(splits.validation, False), metric,
@@ -152,8 +153,8 @@ def run_sweep(store, variants: Sequence[Variant], splits: Splits, metric: str, l
     for split, spec in (("test", splits.test), ("validation", splits.validation)):
         if spec is None or (split == "validation" and weights_of is None):
             continue  # validation is re-read only for the layer-weight figure of a scoring probe without test
-        src = batch_source(store, spec, first.name, first.pool, layers, chosen[0].variant.train.batch_size,
-                           False, data_seed, buffer_tokens)
+        src = batch_source(store, spec, first, layers, chosen[0].variant.train.batch_size, False, data_seed,
+                           buffer_tokens)
         pred = predict([r.probe for r in chosen], src.epoch(0), device, weights_of=weights_of)
         if split == "test":  # the one read of test data, for the selected configuration only
             outcome.test = [evaluate(pred.labels, s, r.threshold) for r, s in zip(chosen, pred.scores, strict=True)]

@@ -71,7 +71,7 @@ class Variant:
     def hyperparameters(self) -> dict:
         """What distinguishes this configuration in a results table (everything but the seed)."""
         p, t = self.probe, self.train
-        out: dict = {"probe": p.name}
+        out: dict = {"probe": p.name, "norm": p.norm}
         if p.name in ("pooling", "mha"):
             out["pool"] = p.pool
         if p.name == "mha":

@@ -1,0 +1,124 @@
+"""Training benchmark: how fast the loaders feed probes, and what sharing reads across a sweep saves.
+
+Printed as ratios measured side by side in one run on the same store (absolute seconds on shared 2-core
+machines are noisy; ratios of interleaved repeats are not):
+
+  1. loader throughput relative to raw decompression: tokens/s of the training token stream (seeded segment
+     order, shuffle buffer, padded bf16 batches of 32) over tokens/s of just decoding the same segments'
+     ``hidden`` arrays (zarr read of the split's token range, all layers, nothing else). 1.0 = the loader
+     adds nothing on top of decompression.
+  2. K variants in one shared pass relative to K separate runs: wall time of ``fit_shared`` on K variants
+     (each batch read once) over the summed wall time of K single-variant runs, same epochs and batches.
+     < 1 is the saving; it is largest for probes whose compute is small next to the reads (pooling,
+     scoring) and smallest for MHA, whose compute dominates.
+
+    python bench/train.py                        # the store of the last `make extract` (.last-store)
+    python bench/train.py --store STORE --quick  # 1 repeat, fewer variants
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from probecache.store.reader import open_store  # noqa: E402
+from probecache.train.data import batch_source, labels_of, resolve_splits  # noqa: E402
+from probecache.train.probes import ProbeConfig  # noqa: E402
+from probecache.train.sweep import auto_heads  # noqa: E402
+from probecache.train.trainer import TrainConfig, Variant, fit_shared  # noqa: E402
+
+
+def raw_decode_seconds(store, split: str) -> tuple[float, int]:
+    """Decode the split's token range of every segment's hidden array; nothing else."""
+    table = store.manifest(split=split, columns=["segment", "token_offset", "n_tokens"])
+    ranges: dict[str, list[int]] = {}
+    for seg, off, n in zip(*(table[c].to_pylist() for c in ("segment", "token_offset", "n_tokens")), strict=True):
+        lo_hi = ranges.setdefault(seg, [off, off + n])
+        lo_hi[0], lo_hi[1] = min(lo_hi[0], off), max(lo_hi[1], off + n)
+    started = time.perf_counter()
+    tokens = 0
+    for seg, (lo, hi) in ranges.items():
+        block = np.asarray(store._group(seg)["hidden"][:, lo:hi])  # (L1, hi - lo, d)
+        tokens += block.shape[1]
+    return time.perf_counter() - started, tokens
+
+
+def loader_seconds(store, splits, epoch: int) -> tuple[float, int]:
+    probe = ProbeConfig("scoring", store.n_layers, store.hidden_size, len(store.label_names))
+    source = batch_source(store, splits.train, probe, None, 32, True, seed=0)
+    started = time.perf_counter()
+    tokens = sum(int(b.mask.sum()) for b in source.epoch(epoch))
+    return time.perf_counter() - started, tokens
+
+
+def fit_seconds(store, splits, variants, class_counts, epochs: int) -> float:
+    first = variants[0].probe
+    train = batch_source(store, splits.train, first, None, 32, True, seed=0)
+    val = batch_source(store, splits.validation, first, None, 32, False, seed=0)
+    started = time.perf_counter()
+    fit_shared(variants, train, val, "accuracy", class_counts, progress=False)
+    return time.perf_counter() - started
+
+
+def variants_for(store, probe: str, k: int, epochs: int) -> list[Variant]:
+    d, n = store.hidden_size, store.n_layers
+    downcast = 32
+    heads = auto_heads(d // downcast)
+    lrs = [1e-3, 3e-3, 1e-2, 3e-4, 1e-4, 3e-2, 3e-5, 1e-5][:k]
+    return [Variant(ProbeConfig(probe, n, d, len(store.label_names), downcast=downcast, heads=heads),
+                    TrainConfig(lr=lr, epochs=epochs, patience=epochs, seed=0)) for lr in lrs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", help="store folder [default: the one in .last-store]")
+    parser.add_argument("--quick", action="store_true", help="1 repeat, K = 2, 1 epoch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--k", type=int, default=4, help="variants per shared pass")
+    args = parser.parse_args()
+    path = args.store or (Path(".last-store").read_text().strip() if Path(".last-store").exists() else None)
+    if not path:
+        raise SystemExit("error: no store: pass --store, or run `make extract` first")
+    store = open_store(path)
+    repeats, k, epochs = (1, 2, 1) if args.quick else (args.repeats, args.k, 2)
+    splits = resolve_splits(store)
+    counts = np.bincount(labels_of(store, splits.train), minlength=len(store.label_names))
+    print(f"store {store.store_id}: {store.summary()['n_examples']} examples, {store.n_layers} layers x "
+          f"d={store.hidden_size}, {repeats} interleaved repeat(s)")
+
+    ratios, raw_rates, loader_rates = [], [], []
+    for r in range(repeats):
+        raw_s, raw_tokens = raw_decode_seconds(store, splits.train.split)
+        load_s, load_tokens = loader_seconds(store, splits, epoch=r)
+        raw_rates.append(raw_tokens / raw_s)
+        loader_rates.append(load_tokens / load_s)
+        ratios.append(loader_rates[-1] / raw_rates[-1])
+    bytes_per_token = store.n_layers * store.hidden_size * 2
+    print("\n1. loader vs raw decompression (train split, all layers)")
+    print(f"   raw decode  {statistics.median(raw_rates):>10,.0f} tok/s "
+          f"({statistics.median(raw_rates) * bytes_per_token / 1e6:,.0f} MB/s of bf16 activations)")
+    print(f"   token loader{statistics.median(loader_rates):>10,.0f} tok/s")
+    print(f"   ratio loader / raw: {statistics.median(ratios):.3f} (repeats: {', '.join(f'{x:.3f}' for x in ratios)})")
+
+    print(f"\n2. {k} variants in one shared pass vs {k} separate runs ({epochs} epoch(s) each)")
+    for probe in ("pooling", "scoring", "mha"):
+        variants = variants_for(store, probe, k, epochs)
+        shared_ratio = []
+        for _ in range(repeats):
+            shared = fit_seconds(store, splits, variants, counts, epochs)
+            separate = sum(fit_seconds(store, splits, [v], counts, epochs) for v in variants)
+            shared_ratio.append(shared / separate)
+        label = f"{probe} (downcast 32)" if probe == "mha" else probe + (" (pooled tier)" if probe == "pooling" else "")
+        print(f"   {label:<22} shared / separate = {statistics.median(shared_ratio):.3f} "
+              f"(repeats: {', '.join(f'{x:.3f}' for x in shared_ratio)}; last: {shared:.1f} s vs {separate:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
