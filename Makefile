@@ -76,6 +76,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/extract.py $(if $(QUICK),--quick) \
 		$(if $(DATA_DIR),--dataset rotten_tomatoes --dataset jigsaw --data-dir $(DATA_DIR))
+	$(BIN)/python bench/train.py $(if $(QUICK),--quick) $(if $(STORE),--store "$(STORE)")
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

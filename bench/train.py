@@ -67,12 +67,12 @@ def fit_seconds(store, splits, variants, class_counts, epochs: int) -> float:
     return time.perf_counter() - started
 
 
-def variants_for(store, probe: str, k: int, epochs: int) -> list[Variant]:
+def variants_for(store, probe: str, k: int, epochs: int, norm: str = "rms") -> list[Variant]:
     d, n = store.hidden_size, store.n_layers
     downcast = 32
     heads = auto_heads(d // downcast)
     lrs = [1e-3, 3e-3, 1e-2, 3e-4, 1e-4, 3e-2, 3e-5, 1e-5][:k]
-    return [Variant(ProbeConfig(probe, n, d, len(store.label_names), downcast=downcast, heads=heads),
+    return [Variant(ProbeConfig(probe, n, d, len(store.label_names), downcast=downcast, heads=heads, norm=norm),
                     TrainConfig(lr=lr, epochs=epochs, patience=epochs, seed=0)) for lr in lrs]
 
 
@@ -84,8 +84,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4, help="variants per shared pass")
     args = parser.parse_args()
     path = args.store or (Path(".last-store").read_text().strip() if Path(".last-store").exists() else None)
-    if not path:
-        raise SystemExit("error: no store: pass --store, or run `make extract` first")
+    if not path:  # nothing extracted yet: the make extract default store (about a minute)
+        from probecache.extract.config import ExtractConfig
+        from probecache.extract.run import extract
+
+        path = extract(ExtractConfig(limit=2000, progress=False)).store_path
     store = open_store(path)
     repeats, k, epochs = (1, 2, 1) if args.quick else (args.repeats, args.k, 2)
     splits = resolve_splits(store)
@@ -108,15 +111,16 @@ def main() -> None:
     print(f"   ratio loader / raw: {statistics.median(ratios):.3f} (repeats: {', '.join(f'{x:.3f}' for x in ratios)})")
 
     print(f"\n2. {k} variants in one shared pass vs {k} separate runs ({epochs} epoch(s) each)")
-    for probe in ("pooling", "scoring", "mha"):
-        variants = variants_for(store, probe, k, epochs)
+    rows = [("pooling", "none", "pooling, raw (pooled tier)"), ("pooling", "rms", "pooling (tokens)"),
+            ("scoring", "rms", "scoring"), ("mha", "rms", "mha (downcast 32)")]
+    for probe, norm, label in rows:
+        variants = variants_for(store, probe, k, epochs, norm)
         shared_ratio = []
         for _ in range(repeats):
             shared = fit_seconds(store, splits, variants, counts, epochs)
             separate = sum(fit_seconds(store, splits, [v], counts, epochs) for v in variants)
             shared_ratio.append(shared / separate)
-        label = f"{probe} (downcast 32)" if probe == "mha" else probe + (" (pooled tier)" if probe == "pooling" else "")
-        print(f"   {label:<22} shared / separate = {statistics.median(shared_ratio):.3f} "
+        print(f"   {label:<27} shared / separate = {statistics.median(shared_ratio):.3f} "
               f"(repeats: {', '.join(f'{x:.3f}' for x in shared_ratio)}; last: {shared:.1f} s vs {separate:.1f} s)")
 
 

@@ -21,23 +21,34 @@ _OUT = "Output"
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int] | None:
-    """'0-4,10,-1' -> [0, 1, 2, 3, 4, 10, n_layers - 1]; None or 'all' -> None (every layer)."""
+    """'0-4,10,-1' -> [0, 1, 2, 3, 4, 10, n_layers - 1]; '20--1' -> 20..last; None or 'all' -> None (every layer)."""
     if spec is None or spec.strip().lower() == "all":
         return None
+    usage = "use e.g. 0-4,10,-1 (0 = embedding output, -1 = last layer)"
+
+    def index(text: str) -> int:
+        value = int(text)
+        value = value + n_layers if value < 0 else value
+        if not 0 <= value < n_layers:
+            raise ValueError(f"--layers {spec!r}: layer {text} is out of range (this store has layers "
+                             f"0..{n_layers - 1})")
+        return value
+
     out: list[int] = []
-    try:
-        for part in spec.split(","):
-            part = part.strip()
-            if "-" in part[1:]:
-                lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
-                out.extend(range(int(lo), int(hi) + 1))
+    for part in (p.strip() for p in spec.split(",")):
+        try:
+            split_at = part.find("-", 1)  # a leading '-' is a sign, not a range
+            if split_at > 0:
+                lo, hi = index(part[:split_at]), index(part[split_at + 1:])
+                if lo > hi:
+                    raise ValueError(f"--layers {spec!r}: range {part} is empty; {usage}")
+                out.extend(range(lo, hi + 1))
             else:
-                out.append(int(part))
-    except ValueError:
-        raise ValueError(f"--layers {spec!r} is not a layer list: use e.g. 0-4,10,-1 (0 = embedding output)") from None
-    out = [layer + n_layers if layer < 0 else layer for layer in out]
-    if any(not 0 <= layer < n_layers for layer in out):
-        raise ValueError(f"--layers {spec!r} is out of range: this store has layers 0..{n_layers - 1}")
+                out.append(index(part))
+        except ValueError as e:
+            if "--layers" in str(e):
+                raise
+            raise ValueError(f"--layers {spec!r} is not a layer list: {usage}") from None
     return sorted(dict.fromkeys(out))
 
 
@@ -82,11 +93,11 @@ def register(app: typer.Typer) -> None:
                         ] = ["rms"],  # noqa: B006
         downcast: Annotated[list[int], typer.Option(help="mha: d_inner = hidden size / downcast.",
                                                     rich_help_panel=_PROBE)] = [8],  # noqa: B006
-        heads: Annotated[list[int], typer.Option(help="mha: attention heads [default: 8, or the most of 4/2/1 that "
+        heads: Annotated[list[int], typer.Option(help="mha: attention heads \\[default: 8, or the most of 4/2/1 that "
                                                       "divide d_inner].", rich_help_panel=_PROBE,
                                                  show_default=False)] = [],  # noqa: B006
         layers: Annotated[str | None, typer.Option(help="Layer subset, e.g. 0-4,20,-1 (0 = embedding output) "
-                                                        "[default: all].", rich_help_panel=_PROBE)] = None,
+                                                        "\\[default: all].", rich_help_panel=_PROBE)] = None,
         lr: Annotated[list[float], typer.Option(help="AdamW learning rate.", rich_help_panel=_TRAIN)] = [1e-3],  # noqa: B006
         weight_decay: Annotated[list[float], typer.Option(rich_help_panel=_TRAIN)] = [0.01],  # noqa: B006
         batch_size: Annotated[list[int], typer.Option(rich_help_panel=_TRAIN)] = [32],  # noqa: B006
@@ -98,15 +109,15 @@ def register(app: typer.Typer) -> None:
                                                    "metric.", rich_help_panel=_TRAIN)] = 3,
         seeds: Annotated[int, typer.Option(help="Seeds per configuration (0..N-1): results are mean ± std.",
                                            rich_help_panel=_TRAIN)] = 1,
-        metric: Annotated[str | None, typer.Option(help=f"Selection metric: {' or '.join(METRICS)} [default: f1 "
+        metric: Annotated[str | None, typer.Option(help=f"Selection metric: {' or '.join(METRICS)} \\[default: f1 "
                                                         "for toxic/harm/unsafe labels, else accuracy].",
                                                    rich_help_panel=_TRAIN)] = None,
         c: Annotated[list[float], typer.Option("--C", help="Inverse L2/L1 strength, chosen on validation "
-                                                           "[default: linear 1; muli 0.01..10; tfidf 0.1..10].",
+                                                           "\\[default: linear 1; muli 0.01..10; tfidf 0.1..10].",
                                                rich_help_panel=_BASE, show_default=False)] = [],  # noqa: B006
         readout: Annotated[str, typer.Option(help=f"linear: {' or '.join(READOUTS)} state per layer.",
                                              rich_help_panel=_BASE)] = "mean",
-        root: Annotated[str | None, typer.Option(help="Where store ids are looked up [default: $PROBECACHE_ROOT "
+        root: Annotated[str | None, typer.Option(help="Where store ids are looked up \\[default: $PROBECACHE_ROOT "
                                                       "or stores].", rich_help_panel=_DATA)] = None,
         train_split: Annotated[str, typer.Option(rich_help_panel=_DATA)] = "train",
         validation_split: Annotated[str, typer.Option(help="Carved from train (stratified) when the store has "
@@ -116,7 +127,7 @@ def register(app: typer.Typer) -> None:
         validation_fraction: Annotated[float, typer.Option(rich_help_panel=_DATA)] = 0.1,
         buffer_tokens: Annotated[int, typer.Option(help="Shuffle buffer bound (tokens): memory = tokens x layers x "
                                                         "d x 2 B.", rich_help_panel=_DATA)] = 65536,
-        runs_dir: Annotated[str, typer.Option(help="Where run folders go [default: $PROBECACHE_RUNS or runs].",
+        runs_dir: Annotated[str, typer.Option(help="Where run folders go \\[default: $PROBECACHE_RUNS or runs].",
                                               rich_help_panel=_OUT, show_default=False)] = "",
         device: Annotated[str, typer.Option(help="cpu or cuda[:N].", rich_help_panel=_OUT)] = "cpu",
         progress: Annotated[bool, typer.Option(help="Progress bars on stderr.", rich_help_panel=_OUT)] = True,
@@ -187,9 +198,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def report(
-        runs_dir: Annotated[str, typer.Option(help="Folder of runs [default: $PROBECACHE_RUNS or runs].",
+        runs_dir: Annotated[str, typer.Option(help="Folder of runs \\[default: $PROBECACHE_RUNS or runs].",
                                               show_default=False)] = "",
-        out: Annotated[str | None, typer.Option(help="Where report.md/.parquet/.png go [default: RUNS_DIR/report].")
+        out: Annotated[str | None, typer.Option(help="Where report.md/.parquet/.png go \\[default: RUNS_DIR/report].")
                        ] = None,
     ) -> None:
         """The results table (Markdown + Parquet) and plots of every run."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import random
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,57 @@ def extract_config(tiny_model, tiny_csv, tmp_path):
         return ExtractConfig(**{**base, **overrides})
 
     return make
+
+
+# ---- train-stage fixtures: a learnable labelled set and tiny stores extracted from it ----------------------
+
+SENTIMENT_POSITIVE = ["great", "superb", "lovely", "wonderful"]
+SENTIMENT_NEGATIVE = ["awful", "dreadful", "poor", "terrible"]
+SENTIMENT_PREFIXES = ["the film was", "acting:", "the plot is", "really", "so very", "overall"]
+
+
+def write_sentiment_csv(path: Path, n: int = 60, seed: int = 0) -> Path:
+    """``n`` rows, alternating pos / neg, the label carried by one repeated word; train / validation / test 4:1:1."""
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text", "label", "split"])
+        for i in range(n):
+            label = "pos" if i % 2 == 0 else "neg"
+            word = rng.choice(SENTIMENT_POSITIVE if label == "pos" else SENTIMENT_NEGATIVE)
+            split = "train" if i < n * 4 // 6 else "validation" if i < n * 5 // 6 else "test"
+            w.writerow([f"e{i:02d}", f"{rng.choice(SENTIMENT_PREFIXES)} {word} {word}", label, split])
+    return path
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory) -> Path:
+    """60 reviews whose label one word carries (train 40 / validation 10 / test 10): probes must beat chance."""
+    return write_sentiment_csv(tmp_path_factory.mktemp("sentiment") / "reviews.csv")
+
+
+@pytest.fixture(scope="session")
+def extract_tiny_store():
+    """``extract(model, root, data_csv, **ExtractConfig overrides) -> Store``: bf16, shards of 8, no progress."""
+
+    def extract_store(model: Path, root: Path, data: Path, **overrides):
+        from probecache.extract.config import ExtractConfig
+        from probecache.extract.run import extract
+        from probecache.store.reader import open_store
+
+        base = dict(dataset=f"csv:{data}", model=str(model), root=str(root), dtype="bf16", device="cpu",
+                    shard_size=8, batch_tokens=256, progress=False)
+        return open_store(extract(ExtractConfig(**{**base, **overrides})).store_path)
+
+    return extract_store
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than two and never spins against a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

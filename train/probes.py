@@ -289,7 +289,9 @@ def load_probe(path: str | Path, device: str | torch.device = "cpu") -> tuple[Pr
             config = ProbeConfig(**json.loads(metadata[_CONFIG_KEY]))
         except TypeError as e:
             raise ValueError(f"{path}: probe config does not match this version of probecache ({e})") from e
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        # clone: fresh, aligned memory (a tensor inside the file may be unaligned, and kernels chosen for it can
+        # sum in another order: scores would differ from the trained probe's in the last bits)
+        tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
     with torch.device("meta"):  # no throw-away random init (283M parameters for mha/4 at d = 3072)
         probe = build_probe(config)
     probe.load_state_dict(tensors, strict=True, assign=True)

@@ -56,7 +56,8 @@ DEFAULT_CS = (0.01, 0.1, 1.0, 10.0)
 class TrainOptions:
     probe: str
     grid: Grid | None = None  # pooling / scoring / mha
-    cs: tuple[float, ...] = DEFAULT_CS  # baselines: inverse regularisation strengths tried on validation
+    cs: tuple[float, ...] | None = None  # baselines: inverse regularisation strengths tried on validation
+    # (None: DEFAULT_BASELINE_CS)
     readout: str = "mean"  # linear: per-layer pooled mean or last-token state
     class_weight: str = "none"  # baselines (probes take it from the grid)
     layers: list[int] | None = None
@@ -249,9 +250,12 @@ def _flat(validation: dict, test: dict | None) -> dict:
 # ---- evaluation of a saved run --------------------------------------------------------------------------
 
 def evaluate_run(run_dir: str | Path, store: Store, split: str = "test", device: str = "cpu",
-                 batch_size: int = 32) -> dict:
+                 batch_size: int | None = None) -> dict:
     """The saved model of a run on one split of ``store`` (the same or another store of the same model), at the
-    threshold tuned on the run's validation data; ``"at_0.5"`` inside."""
+    threshold tuned on the run's validation data; ``"at_0.5"`` inside.
+
+    ``batch_size`` defaults to the run's own: padding never changes a score, but batch composition moves the
+    last float bits, which can split ties and so AUROC/AUPRC; the run's batch size reproduces metrics.json."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() or not (run_dir / "probe.safetensors").is_file():
         raise ValueError(f"{run_dir} is not a complete probecache run (config.json and probe.safetensors): "
@@ -268,6 +272,7 @@ def evaluate_run(run_dir: str | Path, store: Store, split: str = "test", device:
     spec, probe, threshold = SplitSpec(split), config["probe"], config["threshold"]
     if probe in PROBES:
         model, probe_config = load_probe(run_dir / "probe.safetensors", device=device)
+        batch_size = batch_size or config["selected"].get("batch_size", 32)
         source = batch_source(store, spec, probe_config, config["layers"], batch_size, False)
         pred = predict([model], source.epoch(0), device)
         labels, scores = pred.labels, pred.scores[0]

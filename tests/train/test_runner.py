@@ -10,17 +10,13 @@ reviews whose label is carried by one word (train 40 / validation 10 / test 10, 
 
 from __future__ import annotations
 
-import csv
 import json
-import random
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from probecache.manifests.schema import committed_part_files
 from probecache.store.integrity import file_crc32c
-from probecache.store.reader import open_store
 from probecache.train import plots as plots_module
 from probecache.train import runner as runner_module
 from probecache.train.data import resolve_splits
@@ -29,34 +25,10 @@ from probecache.train.runner import ALL_PROBES, BASELINES, TrainOptions, evaluat
 from probecache.train.sweep import Grid
 from probecache.train.trainer import evaluate
 
-POSITIVE = ["great", "superb", "lovely", "wonderful"]
-NEGATIVE = ["awful", "dreadful", "poor", "terrible"]
-PREFIXES = ["the film was", "acting:", "the plot is", "really", "so very", "overall"]
 METRIC_KEYS = {"accuracy", "f1", "macro_f1", "auroc", "auprc", "confusion", "threshold", "n", "at_0.5"}
 LR = {"pooling": 0.1, "scoring": 3e-2, "mha": 1e-2}
 
-
-def write_sentiment_csv(path, n: int = 60, seed: int = 0):
-    """``n`` rows, alternating pos / neg, the label carried by one repeated word; train / validation / test 4:1:1."""
-    rng = random.Random(seed)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "text", "label", "split"])
-        for i in range(n):
-            label = "pos" if i % 2 == 0 else "neg"
-            word = rng.choice(POSITIVE if label == "pos" else NEGATIVE)
-            split = "train" if i < n * 4 // 6 else "validation" if i < n * 5 // 6 else "test"
-            w.writerow([f"e{i:02d}", f"{rng.choice(PREFIXES)} {word} {word}", label, split])
-    return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two and never spins against a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -65,32 +37,19 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data_csv(folder):
-    return write_sentiment_csv(folder / "reviews.csv")
-
-
-def _extract(model, root, data, **overrides):
-    from probecache.extract.config import ExtractConfig
-    from probecache.extract.run import extract
-
-    base = dict(dataset=f"csv:{data}", model=str(model), root=str(root), dtype="bf16", device="cpu", shard_size=8,
-                batch_tokens=256, progress=False)
-    return open_store(extract(ExtractConfig(**{**base, **overrides})).store_path)
+def full(tiny_model, folder, sentiment_csv, extract_tiny_store):
+    return extract_tiny_store(tiny_model, folder / "stores", sentiment_csv, logits=True, store_text=True)
 
 
 @pytest.fixture(scope="module")
-def full(tiny_model, folder, data_csv):
-    return _extract(tiny_model, folder / "stores", data_csv, logits=True, store_text=True)
+def plain(tiny_model, folder, sentiment_csv, extract_tiny_store):
+    return extract_tiny_store(tiny_model, folder / "plain", sentiment_csv, splits=("train", "test"))
 
 
 @pytest.fixture(scope="module")
-def plain(tiny_model, folder, data_csv):
-    return _extract(tiny_model, folder / "plain", data_csv, splits=("train", "test"))
-
-
-@pytest.fixture(scope="module")
-def other(tiny_model_other_weights, folder, data_csv):
-    return _extract(tiny_model_other_weights, folder / "other", data_csv, logits=True, store_text=True)
+def other(tiny_model_other_weights, folder, sentiment_csv, extract_tiny_store):
+    return extract_tiny_store(tiny_model_other_weights, folder / "other", sentiment_csv, logits=True,
+                              store_text=True)
 
 
 def options(probe: str, runs_dir, **overrides) -> TrainOptions:
@@ -239,9 +198,10 @@ def test_evaluate_run_bad_inputs(trained, plain, tmp_path):
         evaluate_run(trained("muli"), plain, "test")
     with pytest.raises(ValueError, match="--store-text"):
         evaluate_run(trained("tfidf"), plain, "test")
-    # a probe evaluates on another store of the same model (here: the same examples, so the same metrics)
+    # a run evaluates on another store of the same model (here: the same test examples, extracted again)
     out = evaluate_run(trained("linear"), plain, "test")
-    assert out["accuracy"] == read(trained("linear"), "metrics.json")["test"]["accuracy"]
+    assert out["store"] == plain.store_id and out["n"] == 10 and out["threshold"] == read(
+        trained("linear"), "config.json")["threshold"]
 
 
 # ---- options: layers, carving, no test --------------------------------------------------------------------
@@ -345,17 +305,14 @@ def test_no_run_folder_when_the_splits_are_wrong(plain, tmp_path):
     assert not tmp_path.joinpath("runs").exists() and list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: evaluate_run scores with batch_size=32 whatever batch size the run used; "
-                                       "scores depend on batch composition in the last float bits (tied duplicate "
-                                       "examples split), so AUROC / AUPRC need not reproduce metrics.json")
 def test_evaluate_run_reads_the_batches_the_run_was_scored_with(full, tmp_path, monkeypatch):
     run_dir = train_run(full, options("pooling", tmp_path, grid={"batch_sizes": (3,)}))
     sizes = []
     real = runner_module.batch_source
 
-    def recording(store, spec, probe, pool, layers, batch_size, *args, **kwargs):
+    def recording(store, spec, probe, layers, batch_size, *args, **kwargs):
         sizes.append(batch_size)
-        return real(store, spec, probe, pool, layers, batch_size, *args, **kwargs)
+        return real(store, spec, probe, layers, batch_size, *args, **kwargs)
 
     monkeypatch.setattr(runner_module, "batch_source", recording)
     out = evaluate_run(run_dir, full, "validation")
@@ -364,9 +321,6 @@ def test_evaluate_run_reads_the_batches_the_run_was_scored_with(full, tmp_path, 
     assert {k: out[k] for k in expected} == expected
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: TrainOptions.cs defaults to DEFAULT_CS, so DEFAULT_BASELINE_CS (linear "
-                                       "C=1, tfidf 0.1..10) applies only when the CLI passes cs=None: the API and "
-                                       "the CLI train different linear / tfidf baselines by default")
 def test_api_baseline_defaults_match_the_cli(full, tmp_path):
     config = read(train_run(full, options("tfidf", tmp_path)), "config.json")
     assert config["cs"] == list(runner_module.DEFAULT_BASELINE_CS["tfidf"])

@@ -6,57 +6,20 @@ built once per module with the extractor on the tiny random Llama (L+1 = 4 layer
 
 from __future__ import annotations
 
-import csv
-import random
-
 import numpy as np
 import pytest
-import torch
-from probecache.store.reader import open_store
 from probecache.train import sweep as sweep_module
 from probecache.train.data import PooledBatches, SplitSpec, resolve_splits, split_examples
 from probecache.train.probes import ProbeConfig
 from probecache.train.sweep import Grid, auto_heads, expand_grid, run_sweep, summarize
 from probecache.train.trainer import TrainConfig, Variant, evaluate, predict
 
-POSITIVE = ["great", "superb", "lovely", "wonderful"]
-NEGATIVE = ["awful", "dreadful", "poor", "terrible"]
-PREFIXES = ["the film was", "acting:", "the plot is", "really", "so very", "overall"]
-
-
-def write_sentiment_csv(path, n: int = 60, seed: int = 0):
-    """``n`` rows, alternating pos / neg, the label carried by one repeated word; train / validation / test 4:1:1."""
-    rng = random.Random(seed)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "text", "label", "split"])
-        for i in range(n):
-            label = "pos" if i % 2 == 0 else "neg"
-            word = rng.choice(POSITIVE if label == "pos" else NEGATIVE)
-            split = "train" if i < n * 4 // 6 else "validation" if i < n * 5 // 6 else "test"
-            w.writerow([f"e{i:02d}", f"{rng.choice(PREFIXES)} {word} {word}", label, split])
-    return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two and never spins against a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def store(tiny_model, tmp_path_factory):
-    from probecache.extract.config import ExtractConfig
-    from probecache.extract.run import extract
-
-    folder = tmp_path_factory.mktemp("sweep")
-    data = write_sentiment_csv(folder / "reviews.csv")
-    config = ExtractConfig(dataset=f"csv:{data}", model=str(tiny_model), root=str(folder / "stores"), dtype="fp32",
-                           device="cpu", shard_size=8, batch_tokens=256, progress=False)
-    return open_store(extract(config).store_path)
+def store(tiny_model, tmp_path_factory, sentiment_csv, extract_tiny_store):
+    return extract_tiny_store(tiny_model, tmp_path_factory.mktemp("sweep"), sentiment_csv, dtype="fp32")
 
 
 # ---- auto heads and grid expansion ------------------------------------------------------------------------

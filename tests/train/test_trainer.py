@@ -8,16 +8,13 @@ of 8, fp32 (so pooled and token-level reads agree to float rounding).
 
 from __future__ import annotations
 
-import csv
 import math
-import random
 import re
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from probecache.store.reader import open_store
 from probecache.train import trainer as trainer_module
 from probecache.train.data import (
     PooledBatches,
@@ -32,57 +29,27 @@ from probecache.train.loaders import Batch
 from probecache.train.probes import ProbeConfig, build_probe
 from probecache.train.trainer import TrainConfig, Variant, evaluate, fit_shared, predict
 
-POSITIVE = ["great", "superb", "lovely", "wonderful"]
-NEGATIVE = ["awful", "dreadful", "poor", "terrible"]
-PREFIXES = ["the film was", "acting:", "the plot is", "really", "so very", "overall"]
-
-
-def write_sentiment_csv(path, n: int = 60, seed: int = 0):
-    """``n`` rows, alternating pos / neg, the label carried by one repeated word; train / validation / test 4:1:1."""
-    rng = random.Random(seed)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "text", "label", "split"])
-        for i in range(n):
-            label = "pos" if i % 2 == 0 else "neg"
-            word = rng.choice(POSITIVE if label == "pos" else NEGATIVE)
-            split = "train" if i < n * 4 // 6 else "validation" if i < n * 5 // 6 else "test"
-            w.writerow([f"e{i:02d}", f"{rng.choice(PREFIXES)} {word} {word}", label, split])
-    return path
-
-
-def _extract(model, folder, data, **overrides):
-    from probecache.extract.config import ExtractConfig
-    from probecache.extract.run import extract
-
-    base = dict(dataset=f"csv:{data}", model=str(model), root=str(folder / "stores"), dtype="fp32", device="cpu",
-                shard_size=8, batch_tokens=256, progress=False)
-    return open_store(extract(ExtractConfig(**{**base, **overrides})).store_path)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two and never spins against a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def data_csv(tmp_path_factory):
-    return write_sentiment_csv(tmp_path_factory.mktemp("trainer-data") / "reviews.csv")
+def extract_fp32(extract_tiny_store, tiny_model, sentiment_csv, tmp_path_factory):
+    def extract(folder: str, **overrides):
+        root = tmp_path_factory.mktemp(folder)
+        return extract_tiny_store(tiny_model, root, sentiment_csv, dtype="fp32", **overrides)
+
+    return extract
 
 
 @pytest.fixture(scope="module")
-def store(tiny_model, tmp_path_factory, data_csv):
-    return _extract(tiny_model, tmp_path_factory.mktemp("trainer-store"), data_csv)
+def store(extract_fp32):
+    return extract_fp32("trainer-store")
 
 
 @pytest.fixture(scope="module")
-def carve_store(tiny_model, tmp_path_factory, data_csv):
+def carve_store(extract_fp32):
     """The same data without a validation split (the extractor is told to keep train and test only)."""
-    return _extract(tiny_model, tmp_path_factory.mktemp("trainer-carve"), data_csv, splits=("train", "test"))
+    return extract_fp32("trainer-carve", splits=("train", "test"))
 
 
 # ---- synthetic batch sources -----------------------------------------------------------------------------
@@ -389,8 +356,8 @@ def test_carve_does_not_depend_on_manifest_order():
     assert carve(["a", "b", "c"], np.array([0, 0, 1]), 0.1, seed=0) in ({"a"}, {"b"})
 
 
-def test_store_without_train_split_is_a_clear_error(tiny_model, tmp_path_factory, data_csv):
-    only_test = _extract(tiny_model, tmp_path_factory.mktemp("trainer-test-only"), data_csv, splits=("test",))
+def test_store_without_train_split_is_a_clear_error(extract_fp32):
+    only_test = extract_fp32("trainer-test-only", splits=("test",))
     with pytest.raises(ValueError, match=r"no committed 'train' examples.*test \(10\).*--train-split"):
         resolve_splits(only_test)
 
