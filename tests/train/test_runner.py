@@ -53,7 +53,7 @@ def other(tiny_model_other_weights, folder, sentiment_csv, extract_tiny_store):
 
 
 def options(probe: str, runs_dir, **overrides) -> TrainOptions:
-    """Probes: two epochs at batch size 32 (evaluate_run's default, so evaluation reads the very same batches)."""
+    """Probes: three epochs at batch size 32 (evaluate_run reads with the run's own batch size)."""
     grid = None
     if probe in PROBES:
         grid = dict(lrs=(LR[probe],), batch_sizes=(32,), epochs=3, seeds=(0, 1) if probe == "scoring" else (0,))
@@ -324,3 +324,36 @@ def test_evaluate_run_reads_the_batches_the_run_was_scored_with(full, tmp_path, 
 def test_api_baseline_defaults_match_the_cli(full, tmp_path):
     config = read(train_run(full, options("tfidf", tmp_path)), "config.json")
     assert config["cs"] == list(runner_module.DEFAULT_BASELINE_CS["tfidf"])
+
+
+# ---- multiclass end to end ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_class(tiny_model, folder, extract_tiny_store):
+    """45 texts, three classes each carried by its own word; train 30 / validation 6 / test 9."""
+    import csv
+
+    path = folder / "three.csv"
+    words = {"red": ["crimson", "scarlet"], "green": ["emerald", "olive"], "blue": ["navy", "azure"]}
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text", "label", "split"])
+        for i in range(45):
+            label = list(words)[i % 3]
+            split = "train" if i < 30 else "validation" if i < 36 else "test"
+            w.writerow([f"c{i:02d}", f"the colour is {words[label][i % 2]} {words[label][i % 2]}", label, split])
+    return extract_tiny_store(tiny_model, folder / "three", path, store_text=True)
+
+
+@pytest.mark.parametrize("probe", ["scoring", "linear", "tfidf"])
+def test_multiclass_run_and_eval(three_class, tmp_path, probe):
+    run_dir = train_run(three_class, options(probe, tmp_path))
+    metrics = read(run_dir, "metrics.json")
+    assert metrics["test"]["threshold"] is None and len(metrics["test"]["confusion"]) == 3
+    scores = pq.read_table(run_dir / "scores.parquet")
+    assert {"score_0", "score_1", "score_2"} <= set(scores.column_names)
+    probs = np.stack([scores[f"score_{c}"].to_numpy() for c in range(3)], axis=1)
+    assert np.allclose(probs.sum(axis=1), 1.0)
+    out = evaluate_run(run_dir, three_class, "test")
+    assert {k: out[k] for k in metrics["test"]} == metrics["test"]
