@@ -32,7 +32,9 @@ RUNS ?= runs
 LAST_STORE := .last-store
 STORE ?= $(shell cat $(LAST_STORE) 2>/dev/null)
 # make sweep: the grid (each repeated option is swept; every batch is read once for all variants)
-SWEEP ?= --lr 1e-4 --lr 3e-4 --lr 1e-3 --seeds 3 $(if $(filter mha,$(PROBE)),--downcast 8 --downcast 32)
+# (scoring: 9 variants, ~3 min on 2 cores; mha: 12 variants of up to 5 epochs, ~15 min)
+SWEEP ?= $(if $(filter mha,$(PROBE)),--lr 3e-4 --lr 1e-3 --downcast 8 --downcast 32 --epochs 5 --patience 2,\
+	--lr 1e-3 --lr 3e-3 --lr 1e-2) --seeds 3
 
 SHELL := /bin/bash
 BIN := $(VENV)/bin

@@ -98,7 +98,9 @@ def register(app: typer.Typer) -> None:
                                                  show_default=False)] = [],  # noqa: B006
         layers: Annotated[str | None, typer.Option(help="Layer subset, e.g. 0-4,20,-1 (0 = embedding output) "
                                                         "\\[default: all].", rich_help_panel=_PROBE)] = None,
-        lr: Annotated[list[float], typer.Option(help="AdamW learning rate.", rich_help_panel=_TRAIN)] = [1e-3],  # noqa: B006
+        lr: Annotated[list[float], typer.Option(help="AdamW learning rate \\[default: pooling 1e-2, scoring 3e-3, "
+                                                     "mha 1e-3].", rich_help_panel=_TRAIN, show_default=False)
+                      ] = [],  # noqa: B006
         weight_decay: Annotated[list[float], typer.Option(rich_help_panel=_TRAIN)] = [0.01],  # noqa: B006
         batch_size: Annotated[list[int], typer.Option(rich_help_panel=_TRAIN)] = [32],  # noqa: B006
         class_weight: Annotated[list[str], typer.Option(help=f"{' or '.join(CLASS_WEIGHTS)} (balanced: inverse "

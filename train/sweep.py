@@ -24,6 +24,9 @@ from .trainer import FitResult, TrainConfig, Variant, evaluate, fit_shared, pred
 
 METRIC_NAMES = ("accuracy", "f1", "macro_f1", "auroc", "auprc")
 HEAD_CHOICES = (8, 4, 2, 1)
+# Learning rates where each probe did best with RMS-normalised tokens (SmolLM2, Rotten Tomatoes validation;
+# docs/TRAINING.md): a head on pooled states wants a large step, attention a small one.
+DEFAULT_LR = {"pooling": 1e-2, "scoring": 3e-3, "mha": 1e-3}
 
 
 def auto_heads(d_inner: int) -> int:
@@ -38,7 +41,7 @@ class Grid:
     norms: Sequence[str] = ("rms",)
     downcasts: Sequence[int] = (8,)
     heads: Sequence[int | None] = (None,)  # None: auto_heads
-    lrs: Sequence[float] = (1e-3,)
+    lrs: Sequence[float] = ()  # empty: DEFAULT_LR[probe]
     weight_decays: Sequence[float] = (0.01,)
     batch_sizes: Sequence[int] = (32,)
     class_weights: Sequence[str] = ("none",)
@@ -53,8 +56,9 @@ def expand_grid(grid: Grid, n_layers: int, hidden_size: int, n_classes: int) -> 
     downcasts = grid.downcasts if grid.probe == "mha" else (8,)
     heads_options = grid.heads if grid.probe == "mha" else (8,)
     variants: dict[Variant, None] = {}
+    lrs = grid.lrs or (DEFAULT_LR[grid.probe],)
     for norm, pool, downcast, heads, lr, wd, bs, cw, seed in itertools.product(
-            grid.norms, pools, downcasts, heads_options, grid.lrs, grid.weight_decays, grid.batch_sizes,
+            grid.norms, pools, downcasts, heads_options, lrs, grid.weight_decays, grid.batch_sizes,
             grid.class_weights, grid.seeds):
         if heads is None:
             heads = auto_heads(hidden_size // downcast) if hidden_size % downcast == 0 else 1
