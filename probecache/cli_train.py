@@ -6,6 +6,7 @@ imported inside `register` (the train stage loads only when these commands are r
 
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -158,7 +159,8 @@ def register(app: typer.Typer) -> None:
                                    metric=metric, train_split=train_split, validation_split=validation_split,
                                    test_split=None if test_split.lower() == "none" else test_split,
                                    validation_fraction=validation_fraction, runs_dir=runs_dir or default_runs_dir(),
-                                   device=device, buffer_tokens=buffer_tokens, progress=progress)
+                                   device=device, buffer_tokens=buffer_tokens, progress=progress,
+                                   extra={"argv": sys.argv[1:]})
             run_dir = train_run(st, options)
         except (*USER_ERRORS, ValueError) as e:
             fail(e)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -70,7 +71,7 @@ class TrainOptions:
     device: str = "cpu"
     buffer_tokens: int = 65536
     progress: bool = True
-    extra: dict = field(default_factory=dict)  # recorded in config.json (e.g. the command line)
+    extra: dict = field(default_factory=dict)  # recorded in config.json under options (the CLI puts its argv)
 
     def __post_init__(self) -> None:
         if self.probe not in ALL_PROBES:
@@ -96,7 +97,7 @@ def train_run(store: Store, options: TrainOptions) -> Path:
             "store": store_provenance(store),
             "splits": {"train": splits.train.describe(), "validation": splits.validation.describe(),
                        "test": splits.test.describe() if splits.test else None},
-            "layers": outcome.layers, "options": _options_record(options),
+            "layers": outcome.layers, "options": asdict(options),
             "seconds": round(time.time() - started, 2), **outcome.config,
         }
         write_json(run_dir / "config.json", config)
@@ -109,7 +110,7 @@ def train_run(store: Store, options: TrainOptions) -> Path:
 
         write_run_plots(run_dir)
     except Exception as e:  # a plot must never lose a trained run
-        print(f"warning: plots for {run_dir.name} failed: {e}")
+        warnings.warn(f"plots for {run_dir.name} failed: {e}", stacklevel=2)
     return run_dir
 
 
@@ -122,12 +123,6 @@ class _Outcome:
     test: dict | None
     seeds: list[dict]  # {"seed", "validation", "test"} per seed of the selected configuration
     config: dict = field(default_factory=dict)  # extra config.json entries
-
-
-def _options_record(options: TrainOptions) -> dict:
-    record = asdict(options)
-    record["grid"] = asdict(options.grid) if options.grid else None
-    return record
 
 
 def _train_probes(store: Store, options: TrainOptions, splits: Splits, metric: str, run_dir: Path) -> _Outcome:
@@ -186,9 +181,8 @@ def _train_baseline(store: Store, options: TrainOptions, splits: Splits, metric:
     probe, n_classes = options.probe, len(store.label_names)
     cs = options.cs or DEFAULT_BASELINE_CS[probe]
     layers = options.layers if options.layers is not None else list(range(store.n_layers))
-    feats = lambda spec: _features(store, probe, spec, options.readout, layers)  # noqa: E731
-    x_tr, y_tr, _ = feats(splits.train)
-    x_val, y_val, val_ids = feats(splits.validation)
+    x_tr, y_tr, _ = _features(store, probe, splits.train, options.readout, layers)
+    x_val, y_val, val_ids = _features(store, probe, splits.validation, options.readout, layers)
     config: dict = {"cs": list(cs)}
     layer_index = None
     if probe == "linear":
