@@ -159,7 +159,8 @@ def _from_hub(spec: str) -> ModelSource:
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """auto: bf16 wherever it is fast and safe (CPUs with AMX/AVX512-BF16, Ampere+ GPUs), else fp16/fp32."""
+    """auto: bf16 on CPU (half the stored bytes of fp32; ask for --dtype fp32 to store full precision) and on
+    GPUs that support it, else fp16."""
     if dtype != "auto":
         if dtype not in DTYPES:
             raise ModelError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")

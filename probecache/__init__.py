@@ -21,6 +21,10 @@ _EXPORTS = {
     "Store": "probecache.store.reader",
     "open_store": "probecache.store.reader",
     "list_stores": "probecache.store.reader",
+    "ProbedModel": "probecache.serve.probed",
+    "TrainOptions": "probecache.train.runner",
+    "train_run": "probecache.train.runner",
+    "evaluate_run": "probecache.train.runner",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -293,6 +293,10 @@ from probecache.cli_train import register as _register_train  # noqa: E402
 
 _register_train(app)
 
+from probecache.cli_serve import register as _register_serve  # noqa: E402
+
+_register_serve(app)
+
 
 def main() -> None:  # `python -m probecache`
     app(prog_name="probecache")

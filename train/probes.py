@@ -11,6 +11,9 @@ or the number of classes. Three stages, the same operator type in both aggregati
     stage 2, over layers:  v    = layer_block(stack(v[0..L1-1]))          one shared block,     (B, d)
     head:                  logits = head(v)                               Linear(d, C)
 
+``Probe.layer_summary`` is stage 1 for one layer and ``Probe.head_logits`` stage 2 + head, so that serving
+(``probecache.serve``) can run stage 1 inside the LLM's forward hooks, one layer at a time.
+
 Operators (``PROBES``): ``pooling`` (masked mean or max, no parameters), ``scoring`` (scoring-attention
 gate s_i = tanh(w^T x_i), alpha = softmax(s), v = sum_i alpha_i x_i; one w per block) and ``mha``
 (downcast multi-head attention d -> d/downcast, SDPA, back to d, then masked mean or max pooling).
@@ -214,20 +217,29 @@ class Probe(nn.Module):
         if mask.shape != (hidden.shape[0], hidden.shape[2]):
             raise ValueError(f"mask must be (B, T) = {(hidden.shape[0], hidden.shape[2])}, got {tuple(mask.shape)}")
         mask = mask.to(device=hidden.device, dtype=torch.bool)
-        dtype = self.head.weight.dtype
-        summaries = []
-        for layer, block in enumerate(self.token_blocks):
-            # cast one layer at a time (a bf16 batch is never widened whole); zero padding so no garbage,
-            # however large, can reach a sum or a matmul
-            x = hidden[:, layer].to(dtype).masked_fill(~mask[..., None], 0.0)  # (B, T, d)
-            if cfg.norm == "rms":  # padded rows stay 0 (0 * rsqrt(eps))
-                x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + _RMS_EPS)
-            summaries.append(block(x, mask))  # (B, d)
-        return torch.stack(summaries, dim=1)  # (B, L1, d)
+        return torch.stack([self.layer_summary(layer, hidden[:, layer], mask) for layer in range(cfg.n_layers)],
+                           dim=1)  # (B, L1, d)
+
+    def layer_summary(self, index: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Stage 1 for one layer: x (B, T, d) any dtype, mask (B, T) bool (True = valid) -> (B, d).
+
+        ``index`` is the position of the layer in the probe's own layer list (0..L1-1), not a model layer number.
+        Serving calls this inside a forward hook, one layer at a time, so no copy of all layers is ever kept.
+        """
+        # cast one layer at a time (a bf16 batch is never widened whole); zero padding so no garbage,
+        # however large, can reach a sum or a matmul
+        x = x.to(self.head.weight.dtype).masked_fill(~mask[..., None], 0.0)  # (B, T, d)
+        if self.config.norm == "rms":  # padded rows stay 0 (0 * rsqrt(eps))
+            x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + _RMS_EPS)
+        return self.token_blocks[index](x, mask)  # (B, d)
+
+    def head_logits(self, summaries: torch.Tensor) -> torch.Tensor:
+        """Stage 2 + head: the L1 layer summaries (B, L1, d) -> logits (B, C)."""
+        v = self.layer_block(summaries, None)  # (B, d); every layer is valid
+        return self.head(v)  # (B, C)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        v = self.layer_block(self.layer_summaries(hidden, mask), None)  # (B, d); every layer is valid
-        return self.head(v)  # (B, C)
+        return self.head_logits(self.layer_summaries(hidden, mask))  # (B, C)
 
     def layer_weights(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Stage-2 attention weight of every layer (B, L1): only probes with a scoring gate have them."""

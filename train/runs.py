@@ -152,8 +152,10 @@ def write_layer_weights(run_dir: Path, weights: np.ndarray, labels: np.ndarray, 
 
 
 def check_compatible(config: dict, store: Store) -> None:
-    """Refuse a store whose model (weights, width or depth) differs from the one the run was trained on."""
-    trained = config["store"]
+    """Refuse a store whose inputs differ from the run's: another model (weights, width, depth), tokenizer, or
+    prompt format (raw text vs chat template changes every hidden state). Another dataset or max_tokens is
+    fine: that is out-of-distribution evaluation."""
+    trained, identity = config["store"], store.info["identity"]
     problems = []
     for key, have in (("model_weights", store.info["model"]["weights_id"]), ("hidden_size", store.hidden_size),
                       ("n_layers", store.n_layers)):
@@ -163,6 +165,13 @@ def check_compatible(config: dict, store: Store) -> None:
         raise ValueError(f"store {store.store_id} was extracted with a different model than run "
                          f"{config['run_id']} ({'; '.join(problems)}): evaluate on a store extracted with "
                          f"--model {trained.get('model')}")
+    if trained.get("tokenizer_sha256") not in (None, identity.get("tokenizer_sha256")):
+        raise ValueError(f"store {store.store_id} was tokenised differently from run {config['run_id']}'s store: "
+                         f"re-extract with the run's model ({trained.get('model')})")
+    if trained.get("prompt_format") != identity.get("prompt_format"):
+        raise ValueError(f"run {config['run_id']} was trained on --prompt-format {trained.get('prompt_format')} "
+                         f"but store {store.store_id} holds --prompt-format {identity.get('prompt_format')}: "
+                         f"re-extract with --prompt-format {trained.get('prompt_format')}")
 
 
 def is_run_dir(path: Path) -> bool:
