@@ -80,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", help="store folder [default: the one in .last-store]")
     parser.add_argument("--quick", action="store_true", help="1 repeat, K = 2, 1 epoch")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--k", type=int, default=4, help="variants per shared pass")
     args = parser.parse_args()
     path = args.store or (Path(".last-store").read_text().strip() if Path(".last-store").exists() else None)
@@ -90,7 +90,7 @@ def main() -> None:
 
         path = extract(ExtractConfig(limit=2000, progress=False)).store_path
     store = open_store(path)
-    repeats, k, epochs = (1, 2, 1) if args.quick else (args.repeats, args.k, 2)
+    repeats, k, epochs = (1, 2, 1) if args.quick else (args.repeats, args.k, 1)
     splits = resolve_splits(store)
     counts = np.bincount(labels_of(store, splits.train), minlength=len(store.label_names))
     print(f"store {store.store_id}: {store.summary()['n_examples']} examples, {store.n_layers} layers x "

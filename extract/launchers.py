@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from probecache.store.remote import is_remote
+
 from .config import ExtractConfig
 from .errors import ExtractError
 
@@ -153,7 +155,7 @@ def cli_args(config: ExtractConfig) -> list[str]:
             continue
         value = getattr(config, f.name)
         flag = "--" + CLI_NAMES.get(f.name, f.name).replace("_", "-")
-        if f.name in ("root", "data_dir") and value is not None:
+        if f.name in ("root", "data_dir") and value is not None and not is_remote(value):
             value = str(Path(value).expanduser().resolve())
         if f.name == "model" and Path(value).expanduser().exists():
             value = str(Path(value).expanduser().resolve())

@@ -13,7 +13,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,6 +20,7 @@ from probecache.store.codecs import logical_dtype_name
 from probecache.store.commit import create_if_absent
 from probecache.store.faults import crash_point
 from probecache.store.layout import FORMAT_VERSION, StoreLayout, store_id_for
+from probecache.store.remote import store_root
 
 from .config import ExtractConfig
 from .datasets import Dataset, load_dataset
@@ -92,7 +92,7 @@ def prepare(config: ExtractConfig) -> PreparedStore:
     model_config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
     identity = identity_of(config, source, tokenizer, dataset, dtype_name)
     store_id = store_id_for(identity, dataset.name)
-    layout = StoreLayout(Path(config.root).expanduser().resolve() / store_id)
+    layout = StoreLayout(store_root(config.root) / store_id)  # a URL root: its local staging folder
     return PreparedStore(config, dataset, source, device, dtype_name, tokenizer, model_config, identity,
                          store_id, layout)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from probecache.store.layout import new_attempt_id
+from probecache.store.remote import is_remote
 from tqdm.auto import tqdm
 
 from .config import ExtractConfig
@@ -23,6 +24,7 @@ from .errors import Interrupted
 from .launchers import LaunchConfig, run_dask, submit_slurm, task_shards
 from .models import load_model, resolve_dtype
 from .prepare import PreparedStore, freeze_plan, log, prepare
+from .remote import RemoteSync
 from .shard import ExtractionJob, RunTotals, run_shard
 from .writer import BackgroundWriter
 
@@ -39,6 +41,7 @@ class ExtractResult:
     loop_seconds: float  # from the first forward to the last commit (what forward_seconds is compared to)
     wall_seconds: float  # everything, model and data loading included
     submitted: str | None = None  # SLURM job id, or the script for --dry-run
+    store_url: str | None = None  # --root URL: where the store is (store_path is then the local staging folder)
 
 
 def extract(config: ExtractConfig, launch: LaunchConfig | None = None) -> ExtractResult:
@@ -46,38 +49,61 @@ def extract(config: ExtractConfig, launch: LaunchConfig | None = None) -> Extrac
     launch.validate()
     started = time.time()
     prep = prepare(config)
+    # --root URL (extract/remote.py): the remote store's header and commits decide, staging does the work
+    remote = _remote_sync(prep)
+    url = remote.url if remote is not None else None
+    if remote is not None:
+        remote.pull_header()
     info = prep.stored_info()
-    if info and len(prep.layout.committed_shards()) == info["plan"]["n_shards"]:
-        log(config, f"already extracted: {prep.layout.path} ({info['plan']['n_examples']} examples); nothing to do")
+    committed = remote.committed() if remote is not None else prep.layout.committed_shards()
+    if info and len(committed) == info["plan"]["n_shards"]:
+        log(config, f"already extracted: {url or prep.layout.path} ({info['plan']['n_examples']} examples); "
+                    "nothing to do")
         n = info["plan"]["n_shards"]
-        return ExtractResult(prep.layout.path, prep.store_id, True, 0, n, RunTotals(), 0.0, 0.0, time.time() - started)
+        return ExtractResult(prep.layout.path, prep.store_id, True, 0, n, RunTotals(), 0.0, 0.0, time.time() - started,
+                             store_url=url)
     freeze_plan(prep, write=not launch.dry_run)
-    pending = sorted(set(range(prep.n_shards)) - prep.layout.committed_shards())
+    if remote is not None and not launch.dry_run:
+        remote.publish_header()
+        remote.upload_leftovers()
+    committed = remote.committed() if remote is not None else prep.layout.committed_shards()
+    pending = sorted(set(range(prep.n_shards)) - committed)
     truncated = sum(p.n_tokens < p.n_tokens_original for p in prep.plan)
     log(config, f"store {prep.store_id}: {len(prep.plan)} examples in {prep.n_shards} shards, {len(pending)} to "
                 f"extract{f', {truncated} truncated to {config.max_tokens} tokens' if truncated else ''}")
     if launch.executor == "slurm":
         submitted = submit_slurm(prep, launch, pending)
         return ExtractResult(prep.layout.path, prep.store_id, False, 0, prep.n_shards, RunTotals(), 0.0, 0.0,
-                             time.time() - started, submitted)
+                             time.time() - started, submitted, store_url=url)
     if launch.executor == "dask":
         totals = run_dask(prep, launch, pending)
         return ExtractResult(prep.layout.path, prep.store_id, False, totals.shards, prep.n_shards, totals, 0.0, 0.0,
-                             time.time() - started)
+                             time.time() - started, store_url=url)
     mine = task_shards(pending, *launch.resolved_task())
-    job = open_job(prep)
+    job = open_job(prep, remote)
     try:
         loop_seconds = run_shards(job, mine)
     finally:
         job.writer.close()
+        if remote is not None:
+            remote.close()
     result = ExtractResult(prep.layout.path, prep.store_id, False, job.totals.shards, prep.n_shards, job.totals,
-                           job.forward_seconds, loop_seconds, time.time() - started)
+                           job.forward_seconds, loop_seconds, time.time() - started, store_url=url)
     log(config, _summary(result))
+    if remote is not None:
+        log(config, remote.summary())
     return result
 
 
-def open_job(prep: PreparedStore) -> ExtractionJob:
-    """Load the model and start the background writer for a prepared, planned store."""
+def _remote_sync(prep: PreparedStore) -> RemoteSync | None:
+    if not is_remote(prep.config.root):
+        return None
+    return RemoteSync(prep.config.root, prep.store_id, prep.layout, progress=prep.config.progress)
+
+
+def open_job(prep: PreparedStore, remote: RemoteSync | None = None) -> ExtractionJob:
+    """Load the model and start the background writer for a prepared, planned store (with ``remote``, or
+    one made here for a URL root: dask workers, each uploading its own commits)."""
     model, _ = load_model(prep.source, resolve_dtype(prep.config.dtype, prep.device), prep.device)
     mc = prep.model_config
     return ExtractionJob(
@@ -85,6 +111,7 @@ def open_job(prep: PreparedStore) -> ExtractionJob:
         label_names=list(prep.dataset.label_names), plan_by_shard=prep.by_shard(), model=model,
         pad_id=pad_token_id(prep.tokenizer), logical_dtype=prep.dtype_name, n_layers=mc.num_hidden_layers + 1,
         hidden_size=mc.hidden_size, vocab_size=mc.vocab_size, writer=BackgroundWriter(),
+        remote=remote if remote is not None else _remote_sync(prep),
     )
 
 
@@ -119,11 +146,15 @@ def run_shards(job: ExtractionJob, shard_ids: list[int]) -> float:
                 run_shard(job, shard_id, on_batch=on_batch, should_stop=stop.is_set, segment=segment)
             except Interrupted:
                 job.writer.drain()
+                if job.remote is not None:
+                    job.remote.wait()  # what was committed also reaches the remote store
                 raise
             except BaseException as error:
                 _write_failure_log(job, segment, error)
                 raise
         job.writer.drain()
+        if job.remote is not None:
+            job.remote.wait()  # every commit uploaded, or the upload error raised
     return time.perf_counter() - started
 
 

@@ -24,6 +24,7 @@ from .capture import CapturedBatch, capture
 from .config import ExtractConfig
 from .errors import Interrupted
 from .plan import PlannedExample, batches
+from .remote import RemoteSync
 from .writer import BackgroundWriter
 
 
@@ -74,6 +75,7 @@ class ExtractionJob:
     writer: BackgroundWriter
     totals: RunTotals = field(default_factory=RunTotals)
     forward_seconds: float = 0.0  # time inside the model's forward (the bare cost of extraction)
+    remote: RemoteSync | None = None  # --root URL: uploads each commit, skips shards the remote has
 
 
 @dataclass
@@ -153,6 +155,8 @@ class _ShardState:
         committed = create_if_absent(job.layout.part(self.shard_id), part_bytes(rows, stats, job.config.store_text))
         if committed:
             job.totals.add(stats)
+            if job.remote is not None:
+                job.remote.shard_committed(self.shard_id)  # upload segment then part, in the background
             crash_point("shard-committed")
         # else: another attempt committed this shard first; ours is an orphan for `gc`
 
@@ -163,7 +167,7 @@ def run_shard(job: ExtractionJob, shard_id: int, on_batch=None, should_stop=None
     The commit is queued behind the shard's writes; call ``job.writer.drain()`` to wait for it. When
     ``should_stop()`` turns true after a batch, the shard is abandoned uncommitted and `Interrupted` raised.
     """
-    if job.layout.part(shard_id).exists():
+    if job.layout.part(shard_id).exists() or (job.remote is not None and job.remote.has(shard_id)):
         return False
     examples = job.plan_by_shard[shard_id]
     segment = segment or job.layout.segment_name(shard_id, new_attempt_id())

@@ -7,6 +7,7 @@ Public API (the CLI is built on the same calls):
     store = open_store(result.store_path)
     store.manifest(split="train")                  # pyarrow Table, one row per example
     store.hidden(example_id, layers=[0, 15, 30])   # torch tensor (layers, n_tokens, d)
+    open_store("s3://bucket/prefix/<store_id>")    # the same on object storage (docs/SHARING.md)
 
 Names are imported lazily, so `import probecache` (and `probecache --help`) stays fast and does not
 initialise torch before the CLI has configured its thread pool.
@@ -21,6 +22,8 @@ _EXPORTS = {
     "Store": "probecache.store.reader",
     "open_store": "probecache.store.reader",
     "list_stores": "probecache.store.reader",
+    "push": "probecache.store.transfer",
+    "pull": "probecache.store.transfer",
     "ProbedModel": "probecache.serve.probed",
     "TrainOptions": "probecache.train.runner",
     "train_run": "probecache.train.runner",

@@ -260,7 +260,7 @@ def extract(
         )
     if result.submitted and not launch.dry_run:
         typer.echo(f"submitted: {result.submitted}")
-    typer.echo(f"store: {result.store_path}")
+    typer.echo(f"store: {result.store_url or result.store_path}")
 
 
 @app.command()

@@ -16,18 +16,27 @@ from probecache.cli_common import USER_ERRORS, fail, print_table
 from probecache.extract.config import default_root
 
 store_app = typer.Typer(
-    help="Inspect and maintain stores: `ls` a root; `info`, `status`, `verify`, `gc` on one store.",
+    help="Inspect and maintain stores: `ls` a root; `info`, `status`, `verify`, `gc` on one store; `push` and "
+    "`pull` copy stores to and from object storage. Roots and stores may be URLs: s3://bucket/prefix (a root), "
+    "s3://bucket/prefix/<store_id> (a store; AWS_* environment), gs://..., file://...",
     no_args_is_help=True,
 )
 _MAX_PROBLEM_LINES = 50  # a badly damaged store can have thousands; the first ones say what happened
+_STORE_HELP = "A store: ROOT/<store_id>, a folder or a URL (s3://bucket/prefix/<store_id>)."
+
+
+def _is_url(text: str) -> bool:
+    from probecache.store.remote import is_remote
+
+    return is_remote(text)
 
 
 @store_app.command("info")
 def store_info(
-    store: Annotated[str, typer.Argument(help="A store folder: ROOT/<store_id>.")],
+    store: Annotated[str, typer.Argument(help=_STORE_HELP)],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ) -> None:
-    """What a store holds: model, dataset, examples, tokens, layers, bytes, shards committed."""
+    """What a store holds: model, dataset, examples, tokens, layers, bytes, shards committed (local or URL)."""
     from probecache.store.reader import open_store
 
     try:
@@ -62,7 +71,8 @@ def store_info(
 @store_app.command("ls")
 def store_ls(
     root: Annotated[
-        str | None, typer.Argument(help="Folder holding stores (env PROBECACHE_ROOT; default ./stores).")
+        str | None, typer.Argument(help="Folder or URL (s3://bucket/prefix) holding stores (env PROBECACHE_ROOT; "
+                                   "default ./stores).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON list.")] = False,
 ) -> None:
@@ -106,8 +116,12 @@ def store_status_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ) -> None:
     """How far an extraction has got: shards committed / in progress / failed / stale, rate and ETA."""
+    from probecache.store.errors import StoreError
     from probecache.store.status import format_status, store_status
 
+    if _is_url(store):
+        fail(StoreError("store status reads the attempts in progress on the machine that runs them: on a URL, "
+                        "`probecache store info` shows the committed shards (run status on the extracting host)"))
     try:
         status = store_status(store, stale_after=_age(stale_after, "--stale-after"))
     except USER_ERRORS as e:
@@ -121,17 +135,23 @@ def store_status_cmd(
 
 @store_app.command("verify")
 def store_verify(
-    store: Annotated[str, typer.Argument(help="A store folder: ROOT/<store_id>.")],
+    store: Annotated[str, typer.Argument(help=_STORE_HELP)],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ) -> None:
     """Check every committed shard against its commit record (sizes, crc32c), its arrays and the plan.
 
+    On a URL every recorded file is downloaded and checksummed (nothing is kept).
     Exit 0 when clean, 1 when problems were found (one line each), 2 when STORE is not a store.
     """
     from probecache.store.verify import verify_store
 
     try:
-        report = verify_store(store)
+        if _is_url(store):
+            from probecache.store.remote_verify import verify_remote
+
+            report = verify_remote(store)
+        else:
+            report = verify_store(store)
     except USER_ERRORS as e:
         fail(e)
     if as_json:
@@ -152,7 +172,7 @@ def store_verify(
 
 @store_app.command("gc")
 def store_gc(
-    store: Annotated[str, typer.Argument(help="A store folder: ROOT/<store_id>.")],
+    store: Annotated[str, typer.Argument(help=_STORE_HELP)],
     older_than: Annotated[
         str, typer.Option("--older-than", help="Only remove debris idle this long: 0, 30s, 15m, 6h, 2d. Keep it "
                           "above the longest time a running shard can go without writing.")
@@ -167,7 +187,12 @@ def store_gc(
     from probecache.store.gc import format_gc, gc_store
 
     try:
-        report = gc_store(store, _age(older_than, "--older-than"), dry_run=dry_run)
+        if _is_url(store):
+            from probecache.store.remote_verify import gc_remote
+
+            report = gc_remote(store, _age(older_than, "--older-than"), dry_run=dry_run)
+        else:
+            report = gc_store(store, _age(older_than, "--older-than"), dry_run=dry_run)
     except USER_ERRORS as e:
         fail(e)
     if as_json:
@@ -175,6 +200,59 @@ def store_gc(
         return
     for line in format_gc(report):
         typer.echo(line)
+
+
+@store_app.command("push")
+def store_push(
+    local: Annotated[str, typer.Argument(help="A local store folder: ROOT/<store_id>.")],
+    url: Annotated[str, typer.Argument(help="Where to: a root URL (s3://bucket/prefix; the store goes to "
+                                             "URL/<store_id>) or the store URL itself.")],
+    verify_existing: Annotated[bool, typer.Option("--verify-existing", help="Download and checksum files already "
+                                                  "at the destination instead of trusting their size.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Copy a store's committed shards that the destination lacks: segments first, each part last.
+
+    Resumable (rerun after an interruption copies only what is missing) and verified (every file is checked
+    against its commit record before it is sent); the destination is a valid store at every moment.
+    """
+    from probecache.store.transfer import push
+
+    try:
+        report = push(local, url, verify_existing=verify_existing, progress=not as_json)
+    except USER_ERRORS as e:
+        fail(e)
+    _print_transfer(report, as_json)
+
+
+@store_app.command("pull")
+def store_pull(
+    url: Annotated[str, typer.Argument(help="A store URL: s3://bucket/prefix/<store_id> (or any store folder).")],
+    local: Annotated[str, typer.Argument(help="A local root (the store goes to LOCAL/<store_id>) or the store "
+                                               "folder itself.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Copy a remote store's committed shards that the local copy lacks (verified, resumable, valid throughout)."""
+    from probecache.store.transfer import pull
+
+    try:
+        report = pull(url, local, progress=not as_json)
+    except USER_ERRORS as e:
+        fail(e)
+    _print_transfer(report, as_json)
+
+
+def _print_transfer(report, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=1))
+        return
+    lost = f", {len(report.shards_lost)} committed by another writer meanwhile" if report.shards_lost else ""
+    typer.echo(f"copied {len(report.shards_copied)} shards ({report.files_copied} files, "
+               f"{report.bytes_copied / 1e6:,.1f} MB; {report.files_present} files already there), "
+               f"{report.shards_present} already present{lost}; "
+               f"{len(report.shards_copied) + report.shards_present + len(report.shards_lost)}/{report.shards_total} "
+               "shards at the destination")
+    typer.echo(f"store: {report.destination}")
 
 
 def _age(text: str, option: str) -> float:

@@ -54,13 +54,18 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int] | None:
 
 
 def open_store_arg(store: str, root: str | None):
-    """A store folder, or a store id under --root / $PROBECACHE_ROOT."""
+    """A store folder or URL, or a store id under --root / $PROBECACHE_ROOT (a folder or a URL)."""
     from probecache.extract.config import default_root
     from probecache.store.reader import open_store
+    from probecache.store.remote import is_remote
+
+    base = root or default_root()
+    if is_remote(base) and "/" not in store:
+        return open_store(f"{base.rstrip('/')}/{store}")
 
     path = Path(store).expanduser()
     if not (path / "store.json").is_file() and not path.is_absolute() and "/" not in store:
-        candidate = Path(root or default_root()) / store
+        candidate = Path(base) / store
         if (candidate / "store.json").is_file():
             path = candidate
     return open_store(path)

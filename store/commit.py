@@ -3,7 +3,7 @@
 A file is first written in full to a hidden temp name in the same directory and fsynced, then hard-linked
 to its final name. ``link`` fails atomically if the name exists, so exactly one writer wins a race and a
 reader never sees a partial file. Temp names start with "." so pyarrow datasets and listings ignore them.
-(Object stores get the same semantics from conditional PUTs; see the team-storage work.)
+(Object stores get the same semantics from conditional PUTs: store/remote.py, docs/SHARING.md.)
 """
 
 from __future__ import annotations

@@ -25,9 +25,18 @@ from .layout import FORMAT_VERSION, StoreLayout
 Layers = int | slice | Sequence[int] | None
 
 
-def open_store(path_or_url: str | Path) -> Store:
-    """Open a store folder (``<root>/<store_id>``) for reading."""
-    path = Path(str(path_or_url).removeprefix("file://")).expanduser()
+def open_store(path_or_url: str | Path, cache_size: str | int | None = None) -> Store:
+    """Open a store for reading: a folder ``<root>/<store_id>`` (or file:// URL), or an object-store URL
+    ``s3://bucket/prefix/<store_id>`` (also gs://, memory://) read through a size-capped local mirror
+    (``cache_size``, default $PROBECACHE_REMOTE_CACHE_SIZE or 20G; see remote_reader.py)."""
+    from .remote import is_remote, repair_url
+
+    text = repair_url(path_or_url)
+    if is_remote(text):
+        from .remote_reader import open_remote_store
+
+        return open_remote_store(text, cache_size)
+    path = Path(text.removeprefix("file://")).expanduser()
     if not (path / "store.json").is_file():
         raise StoreError(f"{path} is not a probecache store (no store.json): pass <root>/<store_id>")
     return Store(path)
@@ -209,7 +218,14 @@ def _rows_then_layers(array, lo: int, hi: int, layers: slice):
 
 
 def list_stores(root: str | Path) -> list[dict]:
-    """Summaries of every store directly under ``root`` (folders holding a store.json), newest first."""
+    """Summaries of every store directly under ``root`` (folders holding a store.json), newest first.
+    ``root`` may be an object-store URL (s3://bucket/prefix)."""
+    from .remote import is_remote, repair_url
+
+    if is_remote(repair_url(root)):
+        from .remote_reader import list_remote_stores
+
+        return list_remote_stores(repair_url(root))
     root = Path(str(root).removeprefix("file://")).expanduser()
     if not root.is_dir():
         raise StoreError(f"store root {root} does not exist: pass --root or set PROBECACHE_ROOT")

@@ -146,6 +146,30 @@ def _check_part(layout: StoreLayout, info: dict, shard: int, part: Path, plan: d
     except Exception as e:  # pyarrow raises several types for a damaged file
         problem(f"{where}: unreadable ({type(e).__name__}: {e})")
         return None
+    checked = check_part_record(where, shard, table, stats, plan, problem)
+    if checked is None:
+        return None
+    segment, ids, named_ok = checked
+    if not named_ok:
+        return segment, ids  # never touch a path built from a name we did not write
+    folder = layout.segments / segment
+    if not folder.is_dir():
+        problem(f"{where}: its segment folder segments/{segment} is missing")
+        return segment, ids
+    files = stats.get("files")
+    if not isinstance(files, dict) or not files:
+        problem(f"{where}: records no segment files (committed before checksums were recorded?)")
+    else:
+        _queue_files(layout, segment, files, where, problem, file_checks)
+    _check_shapes(folder, info, where, len(ids), sum(table["n_tokens"].to_pylist()), problem)
+    return segment, ids
+
+
+def check_part_record(where: str, shard: int, table, stats: dict, plan: dict[int, dict[str, int]] | None,
+                      problem: Callable[[str], None]) -> tuple[str, list[str], bool] | None:
+    """A commit record against itself and the plan (no segment bytes): (segment, example ids, whether the
+    segment name is one of ours and may become a path), or None when the part is too damaged to say.
+    Shared with the remote verify (remote_verify.py)."""
     missing = [c for c in _PART_COLUMNS if c not in table.column_names]
     if missing:
         problem(f"{where}: columns {missing} are missing")
@@ -175,18 +199,8 @@ def _check_part(layout: StoreLayout, info: dict, shard: int, part: Path, plan: d
     attempt = parse_segment(segment)
     if attempt is None or attempt.shard_id != shard:
         problem(f"{where}: segment name {segment!r} is not an attempt of shard {shard}")
-        return segment, ids  # never touch a path built from a name we did not write
-    folder = layout.segments / segment
-    if not folder.is_dir():
-        problem(f"{where}: its segment folder segments/{segment} is missing")
-        return segment, ids
-    files = stats.get("files")
-    if not isinstance(files, dict) or not files:
-        problem(f"{where}: records no segment files (committed before checksums were recorded?)")
-    else:
-        _queue_files(layout, segment, files, where, problem, file_checks)
-    _check_shapes(folder, info, where, n, total, problem)
-    return segment, ids
+        return segment, ids, False
+    return segment, ids, True
 
 
 def _check_tiling(where: str, offsets: list[int], n_tokens: list[int], ids: list[str], total: int,
@@ -257,8 +271,9 @@ def _check_file(root: Path, rel: str, label: str, size: int, crc: str) -> tuple[
     return None, size
 
 
-def _check_shapes(folder: Path, info: dict, where: str, n: int, total: int, problem: Callable[[str], None]) -> None:
-    """The arrays' metadata against the rows: hidden (L+1, T, d), mean/last (N, L+1, d), logits (N, V)."""
+def _check_shapes(folder, info: dict, where: str, n: int, total: int, problem: Callable[[str], None]) -> None:
+    """The arrays' metadata against the rows: hidden (L+1, T, d), mean/last (N, L+1, d), logits (N, V).
+    ``folder`` is a segment folder or a zarr store over one (the remote verify passes a FetchingStore)."""
     import zarr  # only verify needs it; status and gc stay light
 
     layers, d = info["model"]["n_layers"], info["model"]["hidden_size"]
@@ -270,7 +285,7 @@ def _check_shapes(folder: Path, info: dict, where: str, n: int, total: int, prob
     if info.get("capture", {}).get("logits"):
         expected["logits"] = (n, info["model"].get("vocab_size"))
     try:
-        group = zarr.open_group(str(folder), mode="r")
+        group = zarr.open_group(str(folder) if isinstance(folder, Path) else folder, mode="r")
         for name, shape in expected.items():
             if name not in group:
                 problem(f"{where}: segment has no {name!r} array")

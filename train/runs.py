@@ -58,7 +58,7 @@ def store_provenance(store: Store) -> dict:
     parts = [{"name": p.name, "bytes": p.stat().st_size, "crc32c": file_crc32c(p)}
              for p in committed_part_files(store.layout.manifests)]
     return {
-        "store_id": store.store_id, "path": str(store.path),
+        "store_id": store.store_id, "path": str(getattr(store, "url", None) or store.path),
         "model": model["name"], "model_weights": model["weights_id"], "architecture": model.get("architecture"),
         "n_layers": store.n_layers, "hidden_size": store.hidden_size, "vocab_size": model.get("vocab_size"),
         "dtype": identity["dtype"], "prompt_format": identity["prompt_format"], "max_tokens": identity["max_tokens"],

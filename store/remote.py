@@ -1,0 +1,467 @@
+"""Store roots as URLs: one small storage layer that every stage uses for object storage.
+
+    /data/stores, file:///data/stores     a local folder: the existing local code paths, unchanged
+    s3://bucket/prefix                    S3 or any S3-compatible server (AWS_* environment)
+    gs://bucket/prefix                    Google Cloud Storage (GOOGLE_* environment / application default)
+    memory://name/prefix                  an in-process store (tests)
+
+The backend is obstore (Rust object_store): measured against s3fs on the loopback S3 server it fetched a
+32 MB object 3.7x faster (25 vs 94 ms) and a small object 3x faster (1.5 vs 4.7 ms; s3fs sends a HEAD
+before every GET), needs no Python dependencies, and has conditional create for S3 (``If-None-Match: *``),
+GCS (``ifGenerationMatch=0``) and memory. See docs/SHARING.md.
+
+Credentials come only from each backend's own environment/configuration (read by obstore, or by boto3 when
+it is installed and no AWS_* keys are set: profiles, SSO). They are never part of a URL (a URL with
+``user:secret@`` is refused without being echoed), and every error message is scrubbed of them.
+
+A ``Root`` is addressed with relative keys (``manifests/part-00001.parquet``); keys and URL paths are
+validated so that nothing a user or a remote manifest supplies can point outside the root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from .commit import create_if_absent
+from .errors import StoreError
+
+REMOTE_SCHEMES = ("s3", "gs", "memory")
+DEFAULT_RETRY_SECONDS = 60.0  # per request; PROBECACHE_REMOTE_RETRY_SECONDS overrides
+REQUESTS: Counter = Counter()  # object-store requests by kind, process-wide (bench/remote.py, tests)
+_COMPONENT_BAD = re.compile(r"[\x00-\x1f\x7f\\?#*]")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]$")
+_MEMORY_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+STORE_ID = re.compile(r"^[a-z0-9_-]{1,40}-[0-9a-f]{20}$")
+SINGLE_PUT_LIMIT = 1 << 30  # larger objects go up in multipart chunks (S3's single PUT tops out at 5 GB)
+
+
+# ---- URLs ---------------------------------------------------------------------------------------------
+
+
+def is_remote(root: object) -> bool:
+    """True for s3:// gs:// memory:// strings (local paths and file:// are local)."""
+    return isinstance(root, str) and root.split("://", 1)[0] in REMOTE_SCHEMES and "://" in root
+
+
+def repair_url(value: str | Path) -> str:
+    """``Path("s3://b/p")`` collapses to ``s3:/b/p``; callers that passed a URL through Path get it back."""
+    text = str(value)
+    if isinstance(value, Path):
+        m = re.match(r"^(s3|gs|memory):/(?!/)", text)
+        if m:
+            return f"{m.group(1)}://{text[m.end():]}"
+    return text
+
+
+def local_path(root: str | Path) -> Path:
+    """A local root (plain path or file:// URL) as a resolved Path."""
+    text = str(root)
+    if text.startswith("file://"):
+        rest = text.removeprefix("file://")
+        host, _, path = rest.partition("/")
+        if host not in ("", "localhost"):
+            raise StoreError("file:// URLs name a local path (file:///abs/path); a host is not supported")
+        text = "/" + path
+    return Path(text).expanduser().resolve()
+
+
+def _check_component(part: str, what: str) -> None:
+    if part in ("", ".", "..") or _COMPONENT_BAD.search(part):
+        raise StoreError(f"{what}: path component {part!r} is not allowed (no empty, '.', '..', backslash, "
+                         "wildcard or control characters)")
+
+
+def clean_key(rel: str, what: str = "key") -> str:
+    """A relative object key, validated: no traversal outside the root, no absolute or empty components."""
+    if not isinstance(rel, str) or rel.startswith("/"):
+        raise StoreError(f"{what} {rel!r} must be a relative path")
+    for part in rel.split("/"):
+        _check_component(part, f"{what} {rel!r}")
+    return rel
+
+
+@dataclass(frozen=True)
+class Location:
+    scheme: str  # s3 | gs | memory
+    bucket: str
+    prefix: str  # key prefix without leading/trailing slash ("" = the bucket's top)
+
+    @property
+    def url(self) -> str:
+        """Credential-free by construction (parse_url refuses URLs that carry any)."""
+        return f"{self.scheme}://{self.bucket}/{self.prefix}".rstrip("/")
+
+    @property
+    def name(self) -> str:
+        return self.prefix.rsplit("/", 1)[-1]
+
+    def child(self, rel: str) -> Location:
+        rel = clean_key(rel.strip("/"), "path")
+        return Location(self.scheme, self.bucket, f"{self.prefix}/{rel}" if self.prefix else rel)
+
+    def key(self, rel: str = "") -> str:
+        if not rel:
+            return self.prefix
+        rel = clean_key(rel)
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+
+def parse_url(url: str) -> Location:
+    """s3://bucket/prefix, gs://bucket/prefix or memory://name/prefix -> Location; StoreError otherwise.
+
+    The message never repeats a URL that may hold a secret."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in REMOTE_SCHEMES:
+        raise StoreError(f"not an object-store URL (use {', '.join(s + '://' for s in REMOTE_SCHEMES)})")
+    if "@" in rest.split("/", 1)[0]:
+        raise StoreError(f"{scheme}:// URL with credentials refused (they would end up in logs and store.json): "
+                         "give them through the backend's environment (AWS_ACCESS_KEY_ID / "
+                         "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS)")
+    if "?" in rest or "#" in rest:
+        raise StoreError(f"{scheme}:// URL: query strings are not supported (configure the endpoint with "
+                         "AWS_ENDPOINT_URL and the region with AWS_REGION)")
+    bucket, _, prefix = rest.partition("/")
+    if not (_MEMORY_NAME if scheme == "memory" else _BUCKET).match(bucket):
+        raise StoreError(f"{scheme}://{bucket}: not a valid bucket name")
+    prefix = prefix.strip("/")
+    if prefix:
+        for part in prefix.split("/"):
+            _check_component(part, f"{scheme}://{bucket}/{prefix}")
+    return Location(scheme, bucket, prefix)
+
+
+# ---- credentials never leave the process ----------------------------------------------------------------
+
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECURITY_TOKEN",
+               "GOOGLE_SERVICE_ACCOUNT_KEY", "GOOGLE_APPLICATION_CREDENTIALS_JSON")
+_SECRET_PATTERNS = re.compile(
+    r"(X-Amz-(?:Credential|Signature|Security-Token)=)[^&\s\"']+"
+    r"|(Authorization:?\s*)[^\n\"']+"
+    r"|(://)[^/@\s]+:[^/@\s]+@",
+    re.IGNORECASE,
+)
+
+
+def scrub(text: str) -> str:
+    """``text`` with every credential value from the environment and every signed-URL secret masked."""
+    for name in _SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return _SECRET_PATTERNS.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + "***", text)
+
+
+# ---- backends -------------------------------------------------------------------------------------------
+
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
+
+
+def _retry_seconds() -> float:
+    try:
+        return float(os.environ.get("PROBECACHE_REMOTE_RETRY_SECONDS", DEFAULT_RETRY_SECONDS))
+    except ValueError:
+        raise StoreError("PROBECACHE_REMOTE_RETRY_SECONDS must be a number of seconds") from None
+
+
+def _client(scheme: str, bucket: str):
+    """One obstore client per bucket (connection pool shared by every Root on it), built from the env."""
+    retry = _retry_seconds()
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT") or ""
+    # a memory store is its content: one per name for the whole process. Otherwise a change of credentials
+    # or endpoint in the environment (tests switch between users) gets a fresh client.
+    env = "" if scheme == "memory" else hashlib.sha256(repr([retry, endpoint, *(os.environ.get(n, "") for n in (
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION"))]).encode()).hexdigest()
+    key = (scheme, bucket, env)
+    with _clients_lock:
+        if key in _clients:
+            return _clients[key]
+        from obstore.store import GCSStore, MemoryStore, S3Store
+
+        # retries cover 5xx, dropped connections and timeouts; bounded so a dead server fails the command
+        # instead of hanging it (a rerun resumes)
+        retry_config = {"max_retries": 10, "retry_timeout": timedelta(seconds=retry)}
+        client_options = {"connect_timeout": "10s", "timeout": "300s"}
+        if scheme == "memory":
+            store = MemoryStore()
+        elif scheme == "gs":
+            store = GCSStore(bucket, client_options=client_options, retry_config=retry_config)
+        else:
+            if endpoint.startswith("http://"):
+                client_options["allow_http"] = True  # S3-compatible servers on a private network
+            kwargs = {}
+            if not os.environ.get("AWS_ACCESS_KEY_ID") and _has_boto3():
+                # no keys in the environment: profiles, SSO and instance roles through boto3's resolver
+                import boto3
+                from obstore.auth.boto3 import Boto3CredentialProvider
+
+                session = boto3.Session()
+                if session.get_credentials() is not None:
+                    kwargs["credential_provider"] = Boto3CredentialProvider(session)
+                    if session.region_name and not os.environ.get("AWS_REGION"):
+                        kwargs["region"] = session.region_name
+            # the server checks a SHA-256 of every upload: a corrupted PUT fails instead of landing
+            store = S3Store(bucket, client_options=client_options, retry_config=retry_config,
+                            checksum_algorithm="sha256", **kwargs)
+        _clients[key] = store
+        return store
+
+
+def _has_boto3() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("boto3") is not None
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    mtime: float  # seconds since the epoch (last modified)
+
+
+class Root:
+    """What the store code needs from a place that holds stores: whole-object reads and writes, listings,
+    and create-if-absent. Keys are relative to the root and validated."""
+
+    url: str
+
+    def child(self, rel: str) -> Root: ...
+    def get(self, rel: str) -> bytes | None: ...  # None when absent
+    def put(self, rel: str, data: bytes) -> None: ...
+    def put_if_absent(self, rel: str, data: bytes) -> bool: ...
+    def list(self, rel: str = "") -> dict[str, ObjectInfo]: ...  # recursive; keys relative to ``rel``
+    def list_dir(self, rel: str = "") -> tuple[list[str], dict[str, ObjectInfo]]: ...  # (folders, files)
+    def delete(self, rel: str) -> None: ...
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+class ObjectRoot(Root):
+    """A prefix in a bucket (S3, GCS) or in an in-process memory store."""
+
+    def __init__(self, location: Location):
+        self.location = location
+        self.url = location.url
+        self._store = _client(location.scheme, location.bucket)
+
+    def child(self, rel: str) -> ObjectRoot:
+        return ObjectRoot(self.location.child(rel))
+
+    def _fail(self, error: Exception, op: str, rel: str) -> StoreError:
+        import obstore.exceptions as oe
+
+        where = f"{self.url}/{rel}".rstrip("/")
+        text = scrub(str(error))
+        status = re.search(r"status code: (\d{3})", text)
+        code = re.search(r"<Code>(\w+)</Code>", text)
+        denied = status is not None and status.group(1) in ("401", "403")
+        if denied or isinstance(error, (oe.PermissionDeniedError, oe.UnauthenticatedError)):
+            return StoreError(f"{where}: access denied for {op}{f' ({code.group(1)})' if code else ''} (check the "
+                              "credentials in the environment; read-only credentials can list, read and train, "
+                              "not extract or push)")
+        if status is not None:  # the server answered: its status and error code say what happened
+            detail = f"HTTP {status.group(1)}{f' {code.group(1)}' if code else ''}"
+        else:  # no answer (connection refused, timeout): obstore's first line ends with the cause
+            first = text.splitlines()[0] if text else type(error).__name__
+            retries = re.search(r"after (\d+) retries", first)
+            cause = first.rsplit(" - ", 1)[-1].strip()[-200:]
+            detail = f"no answer{f' after {retries.group(1)} retries' if retries else ''}: {cause}"
+        return StoreError(f"{where}: {op} failed ({type(error).__name__}: {detail})")
+
+    def get(self, rel: str) -> bytes | None:
+        import obstore
+        import obstore.exceptions as oe
+
+        REQUESTS["get"] += 1
+        try:
+            return bytes(obstore.get(self._store, self.location.key(rel)).bytes())
+        except (FileNotFoundError, oe.NotFoundError):
+            return None
+        except Exception as e:  # obstore raises its own hierarchy plus OSError/TimeoutError subclasses
+            raise self._fail(e, "read", rel) from None
+
+    def put(self, rel: str, data: bytes) -> None:
+        import obstore
+
+        REQUESTS["put"] += 1
+        try:
+            obstore.put(self._store, self.location.key(rel), data, use_multipart=len(data) > SINGLE_PUT_LIMIT)
+        except Exception as e:
+            raise self._fail(e, "write", rel) from None
+
+    def put_if_absent(self, rel: str, data: bytes) -> bool:
+        """Conditional create (S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``): exactly one writer wins.
+
+        A retried request whose first try succeeded gets "already exists" back; comparing the bytes tells
+        that apart from a lost race, so the caller is never told it lost its own commit."""
+        import obstore
+        import obstore.exceptions as oe
+
+        REQUESTS["put"] += 1
+        try:
+            obstore.put(self._store, self.location.key(rel), data, mode="create", use_multipart=False)
+            return True
+        except (FileExistsError, oe.AlreadyExistsError, oe.PreconditionError):
+            return self.get(rel) == data
+        except Exception as e:
+            raise self._fail(e, "create", rel) from None
+
+    def list(self, rel: str = "") -> dict[str, ObjectInfo]:
+        import obstore
+
+        REQUESTS["list"] += 1
+        base = self.location.key(rel)
+        strip = len(base) + 1 if base else 0
+        out = {}
+        try:
+            for batch in obstore.list(self._store, prefix=base + "/" if base else None):
+                for meta in batch:
+                    out[meta["path"][strip:]] = ObjectInfo(int(meta["size"]), meta["last_modified"].timestamp())
+        except Exception as e:
+            raise self._fail(e, "list", rel) from None
+        return out
+
+    def list_dir(self, rel: str = "") -> tuple[list[str], dict[str, ObjectInfo]]:
+        import obstore
+
+        REQUESTS["list"] += 1
+        base = self.location.key(rel)
+        strip = len(base) + 1 if base else 0
+        try:
+            found = obstore.list_with_delimiter(self._store, prefix=base + "/" if base else None)
+        except Exception as e:
+            raise self._fail(e, "list", rel) from None
+        folders = sorted(p[strip:].rstrip("/") for p in found["common_prefixes"])
+        files = {m["path"][strip:]: ObjectInfo(int(m["size"]), m["last_modified"].timestamp())
+                 for m in found["objects"]}
+        return folders, files
+
+    def delete(self, rel: str) -> None:
+        import obstore
+        import obstore.exceptions as oe
+
+        REQUESTS["delete"] += 1
+        try:
+            obstore.delete(self._store, self.location.key(rel))
+        except (FileNotFoundError, oe.NotFoundError):
+            pass
+        except Exception as e:
+            raise self._fail(e, "delete", rel) from None
+
+
+class LocalRoot(Root):
+    """A local folder behind the same interface (push/pull between local and object storage share code)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.url = str(self.path)
+
+    def child(self, rel: str) -> LocalRoot:
+        return LocalRoot(self.path / clean_key(rel.strip("/"), "path"))
+
+    def _file(self, rel: str) -> Path:
+        return self.path / clean_key(rel) if rel else self.path
+
+    def get(self, rel: str) -> bytes | None:
+        try:
+            return self._file(rel).read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+    def put(self, rel: str, data: bytes) -> None:
+        """Whole file or nothing: temp file, fsync, rename (a reader never sees a partial file)."""
+        target = self._file(rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def put_if_absent(self, rel: str, data: bytes) -> bool:
+        target = self._file(rel)
+        return create_if_absent(target, data) or target.read_bytes() == data
+
+    def list(self, rel: str = "") -> dict[str, ObjectInfo]:
+        base = self._file(rel)
+        out = {}
+        for directory, folders, files in os.walk(base):
+            folders[:] = [f for f in folders if not f.startswith(".")]  # temp and half-deleted folders
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue
+                path = Path(directory) / name
+                st = path.stat()
+                out[path.relative_to(base).as_posix()] = ObjectInfo(st.st_size, st.st_mtime)
+        return out
+
+    def list_dir(self, rel: str = "") -> tuple[list[str], dict[str, ObjectInfo]]:
+        base = self._file(rel)
+        if not base.is_dir():
+            return [], {}
+        folders, files = [], {}
+        for p in sorted(base.iterdir()):
+            if p.name.startswith("."):
+                continue
+            if p.is_dir():
+                folders.append(p.name)
+            elif p.is_file():
+                st = p.stat()
+                files[p.name] = ObjectInfo(st.st_size, st.st_mtime)
+        return folders, files
+
+    def delete(self, rel: str) -> None:
+        self._file(rel).unlink(missing_ok=True)
+
+
+def open_root(url_or_path: str | Path) -> Root:
+    """The Root for a URL (s3:// gs:// memory://) or a local folder (plain path or file://)."""
+    text = repair_url(url_or_path)
+    if is_remote(text):
+        return ObjectRoot(parse_url(text))
+    return LocalRoot(local_path(text))
+
+
+# ---- local folders that stand in for remote ones ----------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """$PROBECACHE_CACHE, else $XDG_CACHE_HOME/probecache (the same folder the model converter uses)."""
+    base = os.environ.get("PROBECACHE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "probecache"
+    return Path(base).expanduser()
+
+
+def location_digest(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def staging_root(url: str) -> Path:
+    """Where `extract --root URL` writes shards before uploading them (one folder per remote root)."""
+    return cache_dir() / "staging" / location_digest(parse_url(url).url)
+
+
+def store_root(root: str | Path) -> Path:
+    """The local folder a store id is created under: the root itself, or its staging folder for a URL."""
+    text = repair_url(root)
+    return staging_root(text) if is_remote(text) else local_path(text)
+
+
+def check_store_name(name: str) -> str:
+    """A store id from a listing or a user: one safe path component."""
+    _check_component(name, "store id")
+    if "/" in name:
+        raise StoreError(f"store id {name!r} must be one path component")
+    return name

@@ -1,0 +1,361 @@
+"""Reading a store on object storage: a normal ``Store`` over a local mirror that fills itself on demand.
+
+    open_store("s3://bucket/prefix/<store_id>")
+      at open      store.json, plan.parquet and manifests/ are synced into the mirror (one LIST of the store,
+                   one GET of store.json, one LIST of manifests/, a GET per part not mirrored yet)
+      on a read    the zarr files the read touches are fetched whole (a zarr shard file holds every layer of
+                   1024 tokens; a per-example array is one file), checked against the size and crc32c the
+                   shard's commit recorded, and written into the mirror; later reads are local
+      eviction     whole segments, least recently used first, once the mirror's segments exceed the cap
+                   ($PROBECACHE_REMOTE_CACHE_SIZE, default 20G; 0 keeps only what is being read)
+
+Why whole files and not the byte ranges zarr would ask for: zarr-python 3.1 reads a sharded array on a
+remote store with one range request for the shard index plus one per inner chunk (no coalescing), i.e.
+~L+2 requests for one example's tokens on one zarr shard, each with the store's latency; a whole-file GET is
+one request and can be verified against the commit record (a range cannot). bench/remote.py measures both.
+
+Only GET and LIST are used: read-only credentials suffice. Training and the reader API run unchanged, since
+they reach arrays through ``Store._group`` and the manifest through ``store.layout``. The mirror lives in
+$PROBECACHE_CACHE/remote/<hash of the root URL>/<store_id>/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import zarr
+from probecache.manifests.schema import PART_NAME, committed_part_files
+from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.storage import LocalStore
+
+from .errors import StoreError
+from .integrity import crc32c_hex
+from .reader import Store
+from .remote import ObjectRoot, Root, cache_dir, check_store_name, location_digest, parse_url
+from .transfer import check_fetched, shard_record
+
+DEFAULT_CACHE_SIZE = "20G"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_EVICTING = ".evicting-"
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from 123, 500M, 20G, 1.5T (powers of 1024)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if m is None:
+        raise StoreError(f"cache size {text!r}: use a number of bytes or 500M, 20G, 1.5T")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index((m.group(2) or " ").lower()))
+
+
+def cache_limit(explicit: str | int | None = None) -> int:
+    return parse_size(explicit if explicit is not None else
+                      os.environ.get("PROBECACHE_REMOTE_CACHE_SIZE") or DEFAULT_CACHE_SIZE)
+
+
+# ---- the size-capped segment cache ---------------------------------------------------------------------------
+
+
+class SegmentCache:
+    """Accounts the bytes of mirrored segments under $PROBECACHE_CACHE/remote and evicts whole segments, LRU.
+
+    A segment's folder mtime is its last use (touched on first use per process and on every fetch). Several
+    processes may share the cache: eviction renames a folder away before deleting it, and a reader whose file
+    vanished fetches it again (FetchingStore.get), so a concurrent eviction costs a download, never data."""
+
+    def __init__(self, base: Path, limit: int):
+        self.base, self.limit = base, limit
+        self._lock = threading.Lock()
+        self._used: int | None = None  # bytes, scanned lazily, then kept up to date by this process
+
+    def _segment_dirs(self) -> list[Path]:
+        return [p for p in self.base.glob("*/*/segments/*") if p.is_dir() and not p.name.startswith(".")]
+
+    @staticmethod
+    def _bytes(folder: Path) -> int:
+        total = 0
+        for directory, _, files in os.walk(folder):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(directory, name)).st_size
+                except FileNotFoundError:
+                    continue
+        return total
+
+    def touch(self, segment_dir: Path) -> None:
+        try:
+            os.utime(segment_dir)
+        except FileNotFoundError:
+            pass
+
+    def added(self, nbytes: int, segment_dir: Path) -> None:
+        """Count a fetched file; evict other segments, least recently used first, while over the limit."""
+        with self._lock:
+            if self._used is None:
+                self._used = sum(self._bytes(p) for p in self._segment_dirs())
+            else:
+                self._used += nbytes
+            self.touch(segment_dir)
+            if self._used <= self.limit:
+                return
+            # other processes add and evict too: count again before deciding what to delete
+            sizes = {p: self._bytes(p) for p in self._segment_dirs()}
+            self._used = sum(sizes.values())
+            keep = segment_dir.resolve()
+            for folder in sorted(sizes, key=_mtime):
+                if self._used <= self.limit:
+                    break
+                if folder.resolve() == keep:
+                    continue
+                hidden = folder.parent / f"{_EVICTING}{folder.name}-{uuid.uuid4().hex[:8]}"
+                try:
+                    folder.rename(hidden)
+                except FileNotFoundError:
+                    continue  # another process evicted it
+                shutil.rmtree(hidden, ignore_errors=True)
+                self._used -= sizes[folder]
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+_caches: dict[tuple[Path, int], SegmentCache] = {}
+
+
+def segment_cache(limit: int) -> SegmentCache:
+    base = cache_dir() / "remote"
+    key = (base, limit)
+    if key not in _caches:
+        _caches[key] = SegmentCache(base, limit)
+    return _caches[key]
+
+
+# ---- the zarr store that fetches whole files ---------------------------------------------------------------
+
+
+class FetchingStore(LocalStore):
+    """A read-only zarr store over one mirrored segment folder; a recorded file missing locally (or not yet
+    checked by this process) is fetched whole from ``remote`` and checked against its record first.
+
+    Only files in the commit record exist for zarr: a stray object next to a committed segment is never read.
+    """
+
+    def __init__(self, root: Path, files: dict[str, tuple[int, str]], remote: Root, cache: SegmentCache):
+        Path(root).mkdir(parents=True, exist_ok=True)
+        super().__init__(root, read_only=True)
+        self.files, self.remote, self.cache = files, remote, cache
+        self._checked: set[str] = set()
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+        self.fetched_bytes = 0
+
+    def with_read_only(self, read_only: bool = False) -> FetchingStore:
+        if not read_only:
+            raise StoreError("a remote store is read-only through the reader: use `probecache store push`")
+        return self
+
+    def _lock(self, key: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def ensure(self, key: str) -> None:
+        """Make ``root/key`` exactly the recorded file (zarr reads many ranges of one file concurrently:
+        one thread fetches, the others wait for it)."""
+        with self._lock(key):
+            if key in self._checked:
+                return
+            size, crc = self.files[key]
+            path = self.root / key
+            try:
+                local = path.read_bytes() if path.stat().st_size == size else None
+            except FileNotFoundError:
+                local = None
+            if local is not None and crc32c_hex(local) == crc:
+                self._checked.add(key)
+                self.cache.touch(self.root)
+                return
+            data = check_fetched(self.remote.get(key), size, crc, f"{self.remote.url}/{key}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            self.fetched_bytes += size
+            self._checked.add(key)
+            self.cache.added(size, self.root)
+
+    async def get(self, key: str, prototype: BufferPrototype | None = None, byte_range=None) -> Buffer | None:
+        if key not in self.files:
+            return None  # not part of the committed segment: zarr treats it as absent
+        if key not in self._checked:  # zarr asks for every inner chunk separately: no thread hop once checked
+            await asyncio.to_thread(self.ensure, key)
+        out = await super().get(key, prototype, byte_range)
+        if out is None:  # evicted (by another process) between the check and the read: fetch it again
+            self._checked.discard(key)
+            await asyncio.to_thread(self.ensure, key)
+            out = await super().get(key, prototype, byte_range)
+            if out is None:
+                raise StoreError(f"{self.remote.url}/{key}: vanished from the local cache twice while reading")
+        return out
+
+    async def get_partial_values(self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, object]]
+                                 ) -> list[Buffer | None]:
+        return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
+
+    async def exists(self, key: str) -> bool:
+        return key in self.files
+
+    async def list(self) -> AsyncIterator[str]:
+        for key in self.files:
+            yield key
+
+    async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
+        for key in self.files:
+            if key.startswith(prefix):
+                yield key
+
+    async def list_dir(self, prefix: str) -> AsyncIterator[str]:
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        seen = set()
+        for key in self.files:
+            if key.startswith(prefix):
+                head = key[len(prefix):].split("/", 1)[0]
+                if head not in seen:
+                    seen.add(head)
+                    yield head
+
+
+# ---- the store ---------------------------------------------------------------------------------------------
+
+
+class RemoteStore(Store):
+    """A store on object storage, read through its local mirror (see the module docstring)."""
+
+    def __init__(self, mirror: Path, url: str, root: ObjectRoot, cache: SegmentCache):
+        super().__init__(mirror)
+        self.url = url
+        self.root = root
+        self.cache = cache
+        self._records: dict[str, dict[str, tuple[int, str]]] | None = None
+
+    def __repr__(self) -> str:
+        return f"RemoteStore({self.url!r})"
+
+    def segment_files(self, segment: str) -> dict[str, tuple[int, str]]:
+        """{file: (size, crc32c)} of a committed segment, from its part's commit record."""
+        if self._records is None:
+            records = {}
+            for part in committed_part_files(self.layout.manifests):
+                shard = int(PART_NAME.match(part.name).group(1))
+                record = shard_record(shard, part.read_bytes(), f"{self.url}/manifests/{part.name}")
+                records[record.segment] = record.files
+            self._records = records
+        try:
+            return self._records[segment]
+        except KeyError:
+            raise StoreError(f"segment {segment!r} is not committed in {self.url}") from None
+
+    def fetching_store(self, segment: str) -> FetchingStore:
+        files = self.segment_files(segment)
+        return FetchingStore(self.layout.segment(segment), files, self.root.child(f"segments/{segment}"), self.cache)
+
+    def _group(self, segment: str) -> zarr.Group:
+        if segment not in self._groups:
+            self._groups[segment] = zarr.open_group(store=self.fetching_store(segment), mode="r")
+        return self._groups[segment]
+
+    def summary(self) -> dict:
+        return {**super().summary(), "path": self.url}
+
+
+def mirror_dir(location_url: str) -> Path:
+    parent, _, name = location_url.rpartition("/")
+    return cache_dir() / "remote" / location_digest(parent) / check_store_name(name)
+
+
+def open_remote_store(url: str, cache_size: str | int | None = None) -> RemoteStore:
+    """Sync the header and manifests of the store at ``url`` into its mirror and open it."""
+    location = parse_url(url)
+    if not location.prefix:
+        raise StoreError(f"{location.url}: pass <root>/<store_id>, not a bucket")
+    root = ObjectRoot(location)
+    sync_metadata(root, mirror := mirror_dir(location.url))
+    return RemoteStore(mirror, location.url, root, segment_cache(cache_limit(cache_size)))
+
+
+def sync_metadata(root: Root, mirror: Path) -> None:
+    """store.json, plan.parquet and manifests/ of ``root`` into ``mirror`` (parts are immutable once
+    committed, so a mirrored part with the listed size is current; parts gone remotely are dropped)."""
+    _, top = root.list_dir("")
+    raw = root.get("store.json") if "store.json" in top else None
+    if raw is None:
+        raise StoreError(f"{root.url} is not a probecache store (no store.json): pass <root>/<store_id> "
+                         "(`probecache store ls ROOT` lists them)")
+    mirror.mkdir(parents=True, exist_ok=True)
+    manifests = mirror / "manifests"
+    store_json = mirror / "store.json"
+    if store_json.is_file() and store_json.read_bytes() != raw:
+        shutil.rmtree(manifests, ignore_errors=True)  # another store was created under this name: start over
+    _write(store_json, raw)
+    plan = mirror / "plan.parquet"
+    if "plan.parquet" not in top:
+        plan.unlink(missing_ok=True)  # verify reports a missing plan; a stale mirrored one would hide it
+    elif not plan.is_file() or plan.stat().st_size != top["plan.parquet"].size:
+        data = root.get("plan.parquet")
+        if data is not None:
+            _write(plan, data)
+    _, listed = root.list_dir("manifests")
+    remote_parts = {name: info.size for name, info in listed.items() if PART_NAME.match(name)}
+    manifests.mkdir(exist_ok=True)
+    for local in committed_part_files(manifests):
+        if remote_parts.get(local.name) != local.stat().st_size:
+            local.unlink(missing_ok=True)
+    missing = [n for n in remote_parts if not (manifests / n).is_file()]
+
+    def fetch(name: str) -> None:
+        data = root.get(f"manifests/{name}")
+        if data is not None:
+            _write(manifests / name, data)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(fetch, missing))
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def list_remote_stores(url: str) -> list[dict]:
+    """Summaries of every store directly under a root URL, newest first (folders without store.json skipped)."""
+    root = ObjectRoot(parse_url(url))
+    folders, _ = root.list_dir("")
+
+    def summary(name: str) -> dict | None:
+        try:
+            check_store_name(name)
+        except StoreError:
+            return None  # not a name the extractor writes
+        try:
+            return open_remote_store(root.child(name).url).summary()
+        except StoreError as e:
+            if "no store.json" in str(e):
+                return None
+            raise
+
+    with ThreadPoolExecutor(8) as pool:
+        found = [s for s in pool.map(summary, folders) if s is not None]
+    return sorted(found, key=lambda s: s["created"], reverse=True)

@@ -1,0 +1,130 @@
+"""The storage layer: URL parsing and validation, credential hygiene, and the Root operations on the real S3
+server (conditional create decides races), on memory:// and on a local folder."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+from probecache.store.errors import StoreError
+from probecache.store.remote import (
+    LocalRoot,
+    ObjectRoot,
+    clean_key,
+    is_remote,
+    local_path,
+    open_root,
+    parse_url,
+    repair_url,
+    scrub,
+    store_root,
+)
+
+
+def test_parse_urls():
+    loc = parse_url("s3://my-bucket/team/stores/")
+    assert (loc.scheme, loc.bucket, loc.prefix, loc.url) == ("s3", "my-bucket", "team/stores", "s3://my-bucket/team/stores")
+    assert parse_url("gs://bucket-1").url == "gs://bucket-1"
+    assert parse_url("memory://tests/x").child("a/b").url == "memory://tests/x/a/b"
+    assert is_remote("s3://b/p") and is_remote("memory://x") and not is_remote("file:///tmp") and not is_remote("/tmp")
+    assert repair_url(__import__("pathlib").Path("s3://bucket/p/id")) == "s3://bucket/p/id"
+    assert str(local_path("file:///tmp/x")) == "/tmp/x"
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/a/../b", "s3://bucket/a//b", "s3://bucket/./b", "s3://bucket/a\\b",
+                                 "s3://B/x", "s3://ab", "s3://bucket/p?endpoint=x", "ftp://bucket/p", "s3://bucket/a*"])
+def test_bad_urls_are_refused(url):
+    with pytest.raises(StoreError):
+        parse_url(url)
+
+
+def test_credentials_in_urls_are_refused_without_echoing_them():
+    with pytest.raises(StoreError) as e:
+        parse_url("s3://AKIAEXAMPLE:s3cr3tvalue@bucket/prefix")
+    assert "s3cr3tvalue" not in str(e.value) and "AKIAEXAMPLE" not in str(e.value)
+
+
+@pytest.mark.parametrize("key", ["../x", "/etc/passwd", "a//b", "a/../../b", "a/./b", "", "a\\..\\b"])
+def test_keys_cannot_leave_the_root(key, tmp_path):
+    with pytest.raises(StoreError):
+        clean_key(key)
+    with pytest.raises(StoreError):
+        LocalRoot(tmp_path).put(key or "..", b"x")
+    with pytest.raises(StoreError):
+        ObjectRoot(parse_url("memory://keys/p")).get(key or "..")
+
+
+def test_scrub_masks_environment_secrets(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "topsecretvalue123")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTKEY")
+    text = scrub("denied for AKIATESTKEY with topsecretvalue123 at https://h/x?X-Amz-Signature=abcdef&y=1 "
+                 "and https://user:pw@host/p")
+    assert "topsecretvalue123" not in text and "AKIATESTKEY" not in text and "abcdef" not in text
+    assert "user:pw" not in text
+
+
+def test_staging_root_is_local_and_per_url(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROBECACHE_CACHE", str(tmp_path))
+    a, b = store_root("s3://bucket/a"), store_root("s3://bucket/b")
+    assert a != b and a.is_relative_to(tmp_path / "staging")
+    assert store_root(str(tmp_path / "x")) == (tmp_path / "x").resolve()
+
+
+def _exercise(root) -> None:
+    assert root.get("missing") is None
+    root.put("a/b/one.bin", b"1")
+    root.put("a/two.bin", b"22")
+    root.put("top.json", b"{}")
+    assert root.get("a/b/one.bin") == b"1"
+    assert {k: v.size for k, v in root.list("a").items()} == {"b/one.bin": 1, "two.bin": 2}
+    folders, files = root.list_dir()
+    assert folders == ["a"] and set(files) == {"top.json"}
+    assert root.put_if_absent("manifests/part-00000.parquet", b"mine")
+    assert not root.put_if_absent("manifests/part-00000.parquet", b"theirs")
+    assert root.put_if_absent("manifests/part-00000.parquet", b"mine")  # a retry of our own commit
+    assert root.get("manifests/part-00000.parquet") == b"mine"
+    root.delete("a/two.bin")
+    assert root.get("a/two.bin") is None
+    assert root.child("a").get("b/one.bin") == b"1"
+
+
+def test_root_operations_local_memory_s3(tmp_path, s3_env):
+    _exercise(open_root(str(tmp_path / "local")))
+    _exercise(open_root(f"memory://roots-{uuid.uuid4().hex[:6]}/p"))
+    _exercise(open_root(s3_env.root))
+
+
+def test_conditional_create_has_one_winner_on_s3(s3_env):
+    root = open_root(s3_env.root)
+    wins, barrier = [], threading.Barrier(8)
+
+    def race(i: int) -> None:
+        barrier.wait()
+        if root.put_if_absent("manifests/part-00007.parquet", f"attempt {i}".encode()):
+            wins.append(i)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert root.get("manifests/part-00007.parquet") == f"attempt {wins[0]}".encode()
+
+
+def test_read_only_credentials_cannot_write_and_errors_hold_no_secrets(s3_env):
+    open_root(s3_env.root).put("x.bin", b"x")
+    s3_env.use("reader")
+    root = open_root(s3_env.root)
+    assert root.get("x.bin") == b"x" and "x.bin" in root.list()
+    with pytest.raises(StoreError) as e:
+        root.put("y.bin", b"y")
+    message = str(e.value)
+    assert "access denied" in message
+    for secret in (*s3_env.server.reader, *s3_env.server.writer):
+        assert secret not in message
+    s3_env.monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+    with pytest.raises(StoreError) as e:
+        open_root(s3_env.root).get("x.bin")
+    assert "wrong-secret-value" not in str(e.value)
