@@ -4,7 +4,8 @@
 #   make train [PROBE=scoring|pooling|mha|linear|muli|tfidf] [DOWNCAST=8] [HEADS=8] [SEEDS=1] [EPOCHS=10]
 #              [STORE=path: default the store of the last `make extract`] [RUNS=runs] [ARGS=...]
 #   make sweep [PROBE=scoring] [SWEEP=grid options] | make report [RUNS=runs]
-#   make test | make bench [QUICK=1] [DATA_DIR=../shared/data] | make lint
+#   make test | make lint
+#   make bench [QUICK=1] [DATA_DIR=../shared/data]: bench/extract.py, train.py, serve.py, remote.py
 #
 # TORCH is the pip requirement for PyTorch: the CPU wheel here. On a GPU box set it to a CUDA build (index
 # options included) the first time .venv is created; pyproject's torch>=2.4 then keeps whatever you chose.
@@ -79,6 +80,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/extract.py $(if $(QUICK),--quick) \
 		$(if $(DATA_DIR),--dataset rotten_tomatoes --dataset jigsaw --data-dir $(DATA_DIR))
 	$(BIN)/python bench/train.py $(if $(QUICK),--quick) $(if $(STORE),--store "$(STORE)")
+	$(BIN)/python bench/serve.py $(if $(QUICK),--quick)
+	$(BIN)/python bench/remote.py $(if $(QUICK),--shards 1 --examples 50) $(if $(STORE),--store "$(STORE)")
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
