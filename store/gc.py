@@ -89,7 +89,7 @@ def gc_store(path: str | Path, older_than_seconds: float = DEFAULT_OLDER_THAN, d
     if layout.segments.is_dir():
         for folder in sorted(layout.segments.glob(DELETING + "*")):
             name = folder.name.removeprefix(DELETING)
-            report.removed.append(Removal("deleting", _rel(layout, folder), _tree_bytes(folder), None))
+            report.removed.append(Removal("deleting", _rel(layout, folder), tree_bytes(folder), None))
             if not dry_run:
                 _rmtree(folder)
             _remove_stats(layout, name, report, dry_run, None)
@@ -101,7 +101,7 @@ def gc_store(path: str | Path, older_than_seconds: float = DEFAULT_OLDER_THAN, d
             continue
         folder = layout.segments / name
         age = now - max(attempt.started, newest_mtime(folder))
-        item = Removal("segment", _rel(layout, folder), _tree_bytes(folder), round(age, 1))
+        item = Removal("segment", _rel(layout, folder), tree_bytes(folder), round(age, 1))
         if age < older_than_seconds:
             report.kept.append(item)
             continue
@@ -191,7 +191,8 @@ def _rmtree(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _tree_bytes(path: Path) -> int:
+def tree_bytes(path: Path) -> int:
+    """Bytes of every file under ``path`` (files vanishing meanwhile count 0)."""
     total = 0
     for directory, _, files in os.walk(path):
         for name in files:

@@ -37,6 +37,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import LocalStore
 
 from .errors import StoreError
+from .gc import tree_bytes
 from .integrity import crc32c_hex
 from .reader import Store
 from .remote import ObjectRoot, Root, cache_dir, check_store_name, location_digest, parse_url
@@ -82,14 +83,7 @@ class SegmentCache:
 
     @staticmethod
     def _bytes(folder: Path) -> int:
-        total = 0
-        for directory, _, files in os.walk(folder):
-            for name in files:
-                try:
-                    total += os.lstat(os.path.join(directory, name)).st_size
-                except FileNotFoundError:
-                    continue
-        return total
+        return tree_bytes(folder)
 
     def touch(self, segment_dir: Path) -> None:
         try:

@@ -154,3 +154,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def one_line_error():
+    """``one_line_error(result, *fragments)``: a CLI user error is exit code 2 and one `error:` line naming them."""
+
+    def check(result, *fragments: str) -> str:
+        assert result.exit_code == 2, result.output
+        err = result.stderr.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+        for fragment in fragments:
+            assert fragment in err, err
+        assert "Traceback" not in result.output
+        return err
+
+    return check

@@ -43,34 +43,25 @@ def test_extract_prints_the_store_as_last_stdout_line_and_info_json(tiny_model, 
     assert "already extracted" in again.output and again.stdout.strip().endswith(store)
 
 
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    assert "Traceback" not in result.output
+def test_unknown_dataset(tmp_path, one_line_error):
+    one_line_error(runner.invoke(app, ["extract", "--dataset", "nope", "--root", str(tmp_path)]), "nope")
 
 
-def test_unknown_dataset(tmp_path):
-    _one_line_error(runner.invoke(app, ["extract", "--dataset", "nope", "--root", str(tmp_path)]), "nope")
-
-
-def test_missing_split_file_names_the_file(tmp_path):
+def test_missing_split_file_names_the_file(tmp_path, one_line_error):
     (tmp_path / "toxicchat").mkdir()
     (tmp_path / "toxicchat" / "toxicchat0124_human_train.csv").write_text(
         "conv_id,user_input,toxicity,jailbreaking\na,hello there,0,0\nb,you idiot,1,0\n")
     result = runner.invoke(app, ["extract", "--dataset", "toxicchat", "--split", "test", "--data-dir",
                                  str(tmp_path), "--root", str(tmp_path / "s")])
-    _one_line_error(result, "toxicchat0124_human_test.csv")
+    one_line_error(result, "toxicchat0124_human_test.csv")
 
 
-def test_strict_bad_rows_are_an_error_and_otherwise_reported(tiny_model, tmp_path):
+def test_strict_bad_rows_are_an_error_and_otherwise_reported(tiny_model, tmp_path, one_line_error):
     data = tmp_path / "bad.csv"
     data.write_text("id,text,label\na,fine text,pos\nb,,neg\nc,other text,\na,dup id,pos\nd,good,neg\n")
     common = ["extract", "--dataset", f"csv:{data}", "--model", str(tiny_model), "--root", str(tmp_path / "s"),
               "--dtype", "fp32"]
-    _one_line_error(runner.invoke(app, [*common, "--strict"]), "bad rows")
+    one_line_error(runner.invoke(app, [*common, "--strict"]), "bad rows")
     assert not (tmp_path / "s").exists()  # nothing written before the data was validated
     ok = runner.invoke(app, common)
     assert ok.exit_code == 0, ok.output
@@ -85,14 +76,14 @@ def test_strict_bad_rows_are_an_error_and_otherwise_reported(tiny_model, tmp_pat
     (["--device", "tpu"], "--device"),
     (["--model", "/nonexistent/model"], "neither an existing folder"),
 ])
-def test_bad_options_are_one_line_errors(tiny_model, tiny_csv, tmp_path, args, fragment):
+def test_bad_options_are_one_line_errors(tiny_model, tiny_csv, tmp_path, args, fragment, one_line_error):
     base = _extract_args(tiny_model, tiny_csv, tmp_path)
-    _one_line_error(runner.invoke(app, [*base, *args]), fragment)
+    one_line_error(runner.invoke(app, [*base, *args]), fragment)
 
 
-def test_store_commands_on_non_stores(tmp_path):
-    _one_line_error(runner.invoke(app, ["store", "info", str(tmp_path)]), "not a probecache store")
-    _one_line_error(runner.invoke(app, ["store", "ls", str(tmp_path / "missing")]), "does not exist")
+def test_store_commands_on_non_stores(tmp_path, one_line_error):
+    one_line_error(runner.invoke(app, ["store", "info", str(tmp_path)]), "not a probecache store")
+    one_line_error(runner.invoke(app, ["store", "ls", str(tmp_path / "missing")]), "does not exist")
 
 
 def test_datasets_lists_the_registry():

@@ -58,16 +58,6 @@ def scoring_run(store, folder) -> Path:
     return run_of(train(store, folder / "runs", "scoring", "--lr", "0.03"))
 
 
-def one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    assert "Traceback" not in result.output
-    return err
-
-
 def help_text(*command: str) -> str:
     """The --help screen with the box drawing removed and whitespace collapsed (wrapping never splits a word)."""
     result = runner.invoke(app, [*command, "--help"])
@@ -150,7 +140,7 @@ def test_train_sweep_options(store, folder):
     assert result.stdout.count("(selected)") == 1
 
 
-def test_report_writes_report_md(scoring_run, folder):
+def test_report_writes_report_md(scoring_run, folder, one_line_error):
     result = runner.invoke(app, ["report", "--runs-dir", str(scoring_run.parent)])
     assert result.exit_code == 0, result.output
     report = scoring_run.parent / "report" / "report.md"
@@ -175,14 +165,14 @@ def test_report_writes_report_md(scoring_run, folder):
     (["--probe", "linear", "--readout", "max"], ["--readout"]),
     (["--probe", "scoring", "--train-split", "nope"], ["--train-split"]),
 ])
-def test_train_user_errors(store, tmp_path, args, fragments):
+def test_train_user_errors(store, tmp_path, args, fragments, one_line_error):
     result = runner.invoke(app, ["train", "--store", store, "--no-progress", "--runs-dir", str(tmp_path / "runs"),
                                  "--epochs", "1", *args])
     one_line_error(result, *fragments)
     assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
 
 
-def test_missing_store(tmp_path):
+def test_missing_store(tmp_path, one_line_error):
     one_line_error(train(str(tmp_path / "nope"), tmp_path / "runs", "scoring"), "nope", "not a probecache store")
     one_line_error(runner.invoke(app, ["eval", "--run", str(tmp_path), "--store", str(tmp_path / "nope")]), "nope")
 
@@ -195,7 +185,7 @@ def test_store_id_under_root(store, scoring_run):
     assert json.loads(result.stdout)["store"] == path.name
 
 
-def test_eval_user_errors(store, other_store, scoring_run, tmp_path):
+def test_eval_user_errors(store, other_store, scoring_run, tmp_path, one_line_error):
     one_line_error(runner.invoke(app, ["eval", "--run", str(tmp_path), "--store", store]),
                    "not a complete probecache run")
     one_line_error(runner.invoke(app, ["eval", "--run", str(scoring_run), "--store", other_store]),
@@ -205,7 +195,7 @@ def test_eval_user_errors(store, other_store, scoring_run, tmp_path):
 
 
 @pytest.mark.parametrize("spec", ["3-1", "1--1", "0--1"])
-def test_a_layer_spec_never_selects_nothing(store, tmp_path, spec):
+def test_a_layer_spec_never_selects_nothing(store, tmp_path, spec, one_line_error):
     result = train(store, tmp_path / "runs", "scoring", "--layers", spec)
     if result.exit_code == 0:  # a range ending at a negative index means up to that layer from the end
         config = json.loads((run_of(result) / "config.json").read_text())

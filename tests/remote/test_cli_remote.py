@@ -20,15 +20,6 @@ def ok(*args: str) -> str:
     return result.stdout
 
 
-def one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
-
-
 @pytest.fixture
 def pushed(tiny_remote_source, s3_env) -> str:
     out = ok("store", "push", str(tiny_remote_source.path), s3_env.root)
@@ -82,7 +73,7 @@ def test_verify_names_remote_damage_and_gc_removes_orphans(pushed, tiny_remote_s
     assert root.get(f"segments/{orphan}/zarr.json") is None
     assert root.list(f"segments/{seg[3]}")  # referenced segments are never touched
 
-def test_user_errors_are_one_line_and_hold_no_secrets(pushed, s3_env):
+def test_user_errors_are_one_line_and_hold_no_secrets(pushed, s3_env, one_line_error):
     one_line_error(runner.invoke(app, ["store", "info", s3_env.root + "/nope"]), "no store.json")
     err = one_line_error(runner.invoke(app, ["store", "info", "s3://AKIAXX:verysecret@bucket/x"]), "refused")
     assert "verysecret" not in err

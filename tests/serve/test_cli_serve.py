@@ -28,16 +28,6 @@ def invoke(*args: str):
     return runner.invoke(app, list(args))
 
 
-def one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    assert "Traceback" not in result.output
-    return err
-
-
 @pytest.fixture(scope="module")
 def runs(runs32) -> dict[str, Path]:
     return {"sentiment": runs32("scoring"), "linear": runs32("linear")}
@@ -60,7 +50,7 @@ def test_classify_table_and_json(runs, probed32):
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
-def test_classify_reads_files(runs, tmp_path, suffix):
+def test_classify_reads_files(runs, tmp_path, suffix, one_line_error):
     path = tmp_path / f"prompts{suffix}"
     if suffix == ".jsonl":
         path.write_text("".join(json.dumps({"prompt": t, "id": i}) + "\n" for i, t in enumerate(TEXTS)))
@@ -73,7 +63,7 @@ def test_classify_reads_files(runs, tmp_path, suffix):
                    "no text column 'text'", "--text-col")
 
 
-def test_classify_errors_are_one_line(runs, runs32, tmp_path):
+def test_classify_errors_are_one_line(runs, runs32, tmp_path, one_line_error):
     one_line_error(invoke("classify", "--run", str(runs32("tfidf")), "--text", "x"), "tfidf baseline")
     one_line_error(invoke("classify", "--run", str(runs["sentiment"])), "pass --text")
     one_line_error(invoke("classify", "--run", str(tmp_path), "--text", "x"), "not a complete probecache run")
@@ -81,7 +71,7 @@ def test_classify_errors_are_one_line(runs, runs32, tmp_path):
                    "no such file")
 
 
-def test_generate_shows_text_scores_and_refusals(runs):
+def test_generate_shows_text_scores_and_refusals(runs, one_line_error):
     run = f"sentiment={runs['sentiment']}"
     result = invoke("generate", "--run", run, "--text", TEXTS[0], "--max-new-tokens", "3")
     assert result.exit_code == 0, result.output
