@@ -226,8 +226,10 @@ class TokenStream:
             return names
         return [names[i] for i in self._rng(epoch).permutation(len(names))]
 
-    def _read_segment(self, segment: str) -> list[tuple[_Example, torch.Tensor]]:
-        """The split's examples of one segment, each (L', n, d) in the stored dtype, in manifest order."""
+    def _read_segment(self, segment: str) -> list[tuple[_Example, np.ndarray]]:
+        """The split's examples of one segment, each (L', n, d) stored numpy values, in manifest order. Each is
+        a copy, not a view of the segment: a view would pin the whole segment while any example of it waits in
+        the shuffle buffer, and the memory bound would not hold."""
         examples = self._segments[segment]
         lo = min(e.offset for e in examples)
         hi = max(e.offset + e.n_tokens for e in examples)
@@ -235,18 +237,17 @@ class TokenStream:
         block = _read_runs(lambda sl: array[sl, lo:hi], self._runs, axis=0)  # (L', hi - lo, d)
         out = []
         for e in examples:
-            part = np.ascontiguousarray(block[:, e.offset - lo : e.offset - lo + e.n_tokens])
-            out.append((e, from_storage(part, self.logical_dtype)))
+            out.append((e, np.ascontiguousarray(block[:, e.offset - lo : e.offset - lo + e.n_tokens])))
         return out
 
-    def _samples(self, epoch: int) -> Iterator[tuple[_Example, torch.Tensor]]:
+    def _samples(self, epoch: int) -> Iterator[tuple[_Example, np.ndarray]]:
         rng = self._rng(epoch)
         names = list(self._segments)
         order = rng.permutation(len(names)) if self.shuffle else range(len(names))
-        buffer: list[tuple[_Example, torch.Tensor]] = []
+        buffer: list[tuple[_Example, np.ndarray]] = []
         buffered = 0
 
-        def draw() -> tuple[_Example, torch.Tensor]:  # uniform over the buffer, O(1) swap-remove
+        def draw() -> tuple[_Example, np.ndarray]:  # uniform over the buffer, O(1) swap-remove
             nonlocal buffered
             i = int(rng.integers(len(buffer)))
             buffer[i], buffer[-1] = buffer[-1], buffer[i]
@@ -267,20 +268,25 @@ class TokenStream:
         while buffer:
             yield draw()
 
-    def _collate(self, items: list[tuple[_Example, torch.Tensor]]) -> Batch:
+    def _collate(self, items: list[tuple[_Example, np.ndarray]]) -> Batch:
         t_max = max(e.n_tokens for e, _ in items)
         first = items[0][1]
-        hidden = torch.zeros((len(items), first.shape[0], t_max, first.shape[2]), dtype=self.dtype)
+        # Assembled in numpy on the stored values (all-zero bits are +0.0 in bf16/fp16/fp32 alike), then viewed as
+        # the logical dtype: torch's copy into a strided slice of the batch measured ~45x slower than numpy's.
+        values = np.zeros((len(items), first.shape[0], t_max, first.shape[2]), dtype=first.dtype)  # (B, L', T, d)
         mask = torch.zeros((len(items), t_max), dtype=torch.bool)
         for b, (e, states) in enumerate(items):
-            hidden[b, :, : e.n_tokens] = states
+            values[b, :, : e.n_tokens] = states
             mask[b, : e.n_tokens] = True
+        hidden = from_storage(values, self.logical_dtype)
+        if hidden.dtype != self.dtype:
+            hidden = hidden.to(self.dtype)
         y = torch.tensor([e.label for e, _ in items], dtype=torch.long)
         return Batch(hidden=hidden, mask=mask, y=y, example_ids=[e.example_id for e, _ in items])
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch; the same (seed, epoch) always gives the same batches."""
-        pending: list[tuple[_Example, torch.Tensor]] = []
+        pending: list[tuple[_Example, np.ndarray]] = []
         for item in self._samples(epoch):
             pending.append(item)
             if len(pending) == self.batch_size:
