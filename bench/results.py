@@ -68,6 +68,7 @@ def probe_rows(quick: bool) -> list[tuple[str, list[str]]]:
     ]
 
 
+READING = "## Reading it"
 ROW_ORDER = ("pooling", "scoring", "mha/8", "mha/32", "linear", "muli", "tfidf")
 
 
@@ -130,6 +131,17 @@ def markdown(index: dict, sets: dict) -> str:
                          f"{cell(summ['test'], 'auroc', False)} | {cell(summ['test'], 'auprc', False)} | "
                          f"{cell(summ['validation'], metric)} | {ref} | {config['seconds']:.0f} |")
         lines.append("")
+    lines += ["## How each row was trained", "",
+              "- Probes read every layer (L+1 = 31) and every token, with tokens scaled to unit RMS (`--norm rms`, the "
+              "default; docs/TRAINING.md says why). pooling: lr {1e-3, 1e-2}; scoring: lr {1e-3, 3e-3, 1e-2}; up to "
+              "10 epochs, patience 3. MHA: lr 1e-3, up to 5 epochs, patience 2 (CPU time); downcast 8 has 8 heads, "
+              "downcast 32 (d_inner = 18) 2. Batch 32, AdamW, weight decay 0.01, cosine schedule, 3 seeds each.",
+              "- linear: one logistic probe per layer on the pooled mean, C = 1, layer chosen on validation. muli: "
+              "L1 logistic regression on the next-token logits at the last prompt position, C in {0.01, 0.1, 1, 10}. "
+              "tfidf: word 1-2-grams, C in {0.1, 1, 10}. Both chosen on validation.",
+              "- The paper's ToxicChat AUPRC for pooling / scoring / MHA is .812 / .854 / .898.",
+              "- `train s` is the wall time of the whole `probecache train` call (grid x seeds, shared reads) on "
+              "a machine shared with other jobs.", ""]
     return "\n".join(lines)
 
 
@@ -140,7 +152,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "results")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs")
     parser.add_argument("--only", action="append", help="only these probe rows (e.g. --only scoring)")
-    parser.add_argument("--write", type=Path, default=None, help="write the Markdown table here (docs/RESULTS.md)")
+    parser.add_argument("--write", type=Path, default=None,
+                        help="write the tables here (docs/RESULTS.md), keeping its hand-written '## Reading it'")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     index_path = args.out / "index.json"
@@ -162,7 +175,10 @@ def main() -> None:
     text = markdown(index, sets)
     print(text)
     if args.write:
-        args.write.write_text(text)
+        # a hand-written "## Reading it" section at the end of the existing file is kept
+        old = args.write.read_text() if args.write.exists() else ""
+        keep = old[old.index(READING):] if READING in old else ""
+        args.write.write_text(text + ("\n" + keep if keep else ""))
         print(f"wrote {args.write}")
 
 
