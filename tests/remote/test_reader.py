@@ -109,7 +109,13 @@ def test_train_cli_on_a_remote_store_with_read_only_keys(remote_url, s3_env, tmp
         assert result.exit_code == 0, result.output
         run = Path(result.stdout.strip().splitlines()[-1].removeprefix("run: "))
         metrics = json.loads((run / "metrics.json").read_text())
-        assert metrics, metrics
+        assert metrics["test"]["n"] == 10, metrics
+        assert json.loads((run / "config.json").read_text())["store"]["path"] == remote_url  # the URL, not the mirror
+    # a store id under --root s3://... is the same store
+    store_id = remote_url.rstrip("/").rsplit("/", 1)[-1]
+    result = runner.invoke(app, ["train", "--store", store_id, "--root", s3_env.root, "--probe", "scoring",
+                                 "--epochs", "1", "--no-progress", "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
     assert s3_env.user == "reader"
 
 
