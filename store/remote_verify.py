@@ -26,7 +26,7 @@ from .remote import ObjectRoot, clean_key, parse_url
 from .remote_reader import FetchingStore, cache_limit, mirror_dir, segment_cache, sync_metadata
 from .status import open_layout, parse_segment, part_files
 from .transfer import read_stats
-from .verify import VerifyReport, _check_plan, _check_shapes, _some, check_part_record
+from .verify import VerifyReport, _check_plan, _check_shapes, _some, check_part_record, note_example_ids
 
 
 def _open(url: str):
@@ -80,11 +80,7 @@ def verify_remote(url: str, workers: int = 8) -> VerifyReport:
         referenced.add(segment)
         report.parts_checked += 1
         examples += len(ids)
-        for eid in ids:
-            if eid in first_seen:
-                duplicates.append(f"{eid} ({first_seen[eid]} and {part.name})")
-            else:
-                first_seen[eid] = part.name
+        note_example_ids(ids, part.name, first_seen, duplicates)
         if not named_ok:
             continue
         present = objects.get(segment)

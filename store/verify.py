@@ -67,11 +67,7 @@ def verify_store(path: str | Path, workers: int = 8) -> VerifyReport:
         referenced.add(segment)
         report.parts_checked += 1
         examples += len(ids)
-        for eid in ids:
-            if eid in first_seen:
-                duplicates.append(f"{eid} ({first_seen[eid]} and {part.name})")
-            else:
-                first_seen[eid] = part.name
+        note_example_ids(ids, part.name, first_seen, duplicates)
     if duplicates:
         report.problems.append(f"{len(duplicates)} example ids are committed twice: {_some(duplicates)}")
 
@@ -320,3 +316,12 @@ def _leftovers(layout: StoreLayout, referenced: set[str], note: Callable[[str], 
 def _some(items: list[str]) -> str:
     shown = ", ".join(items[:_SHOW])
     return shown + (f", ... (+{len(items) - _SHOW})" if len(items) > _SHOW else "")
+
+
+def note_example_ids(ids, part_name: str, first_seen: dict[str, str], duplicates: list[str]) -> None:
+    """Record which manifest part first committed each example id; an id seen again is a duplicate commit."""
+    for eid in ids:
+        if eid in first_seen:
+            duplicates.append(f"{eid} ({first_seen[eid]} and {part_name})")
+        else:
+            first_seen[eid] = part_name
