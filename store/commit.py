@@ -23,10 +23,7 @@ def create_if_absent(path: Path, data: bytes) -> bool:
         return False
     tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, data)
         crash_point("commit-temp-written")
         try:
             os.link(tmp, path)
@@ -46,3 +43,11 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it: durable before it is linked or renamed into place."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from .commit import create_if_absent
+from .commit import create_if_absent, write_synced
 from .errors import StoreError
 
 REMOTE_SCHEMES = ("s3", "gs", "memory")
@@ -383,10 +383,7 @@ class LocalRoot(Root):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex}"
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            write_synced(tmp, data)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)

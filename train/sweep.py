@@ -107,7 +107,7 @@ def _rows(results: list[FitResult], selected: str, test: list[dict | None]) -> l
     rows = []
     for label, group in by_label.items():
         row: dict = {"config": label, "selected": label == selected, "n_seeds": len(group)}
-        row |= {k: v for k, v in group[0].variant.hyperparameters().items()}
+        row |= group[0].variant.hyperparameters()
         val = summarize([r.validation for r in group])
         tst = summarize([t for t in test if t is not None]) if label == selected and any(test) else None
         for name in METRIC_NAMES:
