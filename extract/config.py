@@ -46,6 +46,10 @@ class ExtractConfig:
     shard_size: int = 512  # examples per shard: the unit of work and of commit
     batch_tokens: int = 4096  # padded tokens per forward batch
     max_batch_size: int = 64
+    # threads that compress each zarr shard's inner chunks (blosc releases the GIL). None = auto: 0 on a CPU
+    # device, where the forward pass already uses every core, else the host's cores minus one (a GPU host's
+    # cores are otherwise idle, and compression must keep up with the GPU: docs/BENCHMARKS.md)
+    encode_threads: int | None = None
     progress: bool = True
 
     def validate(self) -> None:
@@ -58,6 +62,8 @@ class ExtractConfig:
         for name in ("max_tokens", "shard_size", "batch_tokens", "max_batch_size"):
             if getattr(self, name) < 1:
                 raise ExtractError(f"--{name.replace('_', '-')} must be a positive integer")
+        if self.encode_threads is not None and self.encode_threads < 0:
+            raise ExtractError("--encode-threads must be 0 (compress on the writer thread) or more")
         if self.limit is not None and self.limit < 1:
             raise ExtractError("--limit must be a positive integer")
         if self.mantissa_bits is not None and not 0 <= self.mantissa_bits <= 6:

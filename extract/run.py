@@ -7,10 +7,12 @@ resumes with only its uncommitted shards. Launchers (extract/launchers.py) diffe
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +87,8 @@ def extract(config: ExtractConfig, launch: LaunchConfig | None = None) -> Extrac
         loop_seconds = run_shards(job, mine)
     finally:
         job.writer.close()
+        if job.encode_pool is not None:
+            job.encode_pool.shutdown()
         if remote is not None:
             remote.close()
     result = ExtractResult(prep.layout.path, prep.store_id, False, job.totals.shards, prep.n_shards, job.totals,
@@ -112,7 +116,21 @@ def open_job(prep: PreparedStore, remote: RemoteSync | None = None) -> Extractio
         pad_id=pad_token_id(prep.tokenizer), logical_dtype=prep.dtype_name, n_layers=mc.num_hidden_layers + 1,
         hidden_size=mc.hidden_size, vocab_size=mc.vocab_size, writer=BackgroundWriter(),
         remote=remote if remote is not None else _remote_sync(prep),
+        encode_pool=_encode_pool(prep.config.encode_threads, str(prep.device)),
     )
+
+
+def encode_threads_for(requested: int | None, device: str) -> int:
+    """--encode-threads, resolved: on a CPU device the forward pass already keeps every core busy (a pool only
+    adds switching), on a GPU host the cores are idle and compression has to keep up with the GPU."""
+    if requested is not None:
+        return requested
+    return 0 if device.startswith("cpu") else max((os.cpu_count() or 1) - 1, 0)
+
+
+def _encode_pool(requested: int | None, device: str) -> ThreadPoolExecutor | None:
+    threads = encode_threads_for(requested, device)
+    return ThreadPoolExecutor(threads, thread_name_prefix="probecache-encode") if threads else None
 
 
 def run_shards(job: ExtractionJob, shard_ids: list[int]) -> float:

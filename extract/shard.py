@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,6 +77,7 @@ class ExtractionJob:
     totals: RunTotals = field(default_factory=RunTotals)
     forward_seconds: float = 0.0  # time inside the model's forward (the bare cost of extraction)
     remote: RemoteSync | None = None  # --root URL: uploads each commit, skips shards the remote has
+    encode_pool: Executor | None = None  # --encode-threads: compresses inner chunks in parallel
 
 
 @dataclass
@@ -98,7 +100,7 @@ class _ShardState:
                 n_layers=job.n_layers, hidden_size=job.hidden_size,
                 n_tokens=sum(p.n_tokens for p in self.examples), n_examples=len(self.examples),
                 logical_dtype=job.logical_dtype, vocab_size=job.vocab_size if job.config.logits else None,
-            ))
+            ), pool=job.encode_pool)
         layers = [to_storage(h) for h in captured.hidden]  # L+1 views (B, T, d)
         mean = captured.mean.numpy()  # (B, L+1, d)
         logits = None if captured.logits is None else to_storage(captured.logits)  # (B, V)

@@ -142,6 +142,14 @@ def extract(
     max_batch_size: Annotated[
         int, typer.Option(rich_help_panel="Speed", help="Examples per forward batch at most.")
     ] = 64,
+    encode_threads: Annotated[
+        int | None,
+        typer.Option(
+            rich_help_panel="Speed",
+            help="Threads compressing activations beside the forward pass. Default: 0 on a CPU device (the "
+            "forward uses every core), cores - 1 with a GPU.",
+        ),
+    ] = None,
     validation_fraction: Annotated[
         float | None,
         typer.Option(
@@ -224,6 +232,7 @@ def extract(
         shard_size=shard_size,
         batch_tokens=batch_tokens,
         max_batch_size=max_batch_size,
+        encode_threads=encode_threads,
         validation_fraction=validation_fraction,
         seed=seed,
         progress=progress,

@@ -169,10 +169,36 @@ def test_interrupted_store_resumes_only_missing_shards_with_equal_values(extract
     assert len(orphans) == 2  # the dead attempt is left for gc; readers never see it
 
 
+def test_parallel_encoding_writes_byte_identical_segments(extract_config, tmp_path):
+    """--encode-threads only moves blosc onto a pool: every stored array file is the same bytes."""
+    serial = extract(extract_config(encode_threads=0))
+    parallel = extract(extract_config(encode_threads=2, root=str(tmp_path / "parallel")))
+    assert parallel.store_id == serial.store_id
+
+    def chunk_files(root) -> dict[str, bytes]:  # relative path within each shard's segment -> bytes
+        out = {}
+        for seg in sorted((Path(root) / "segments").iterdir()):
+            shard = seg.name.rsplit("-", 2)[0]  # shard-00003-<attempt>: attempts differ between the two runs
+            for f in seg.rglob("*"):
+                if f.is_file() and f.name != "zarr.json":
+                    out[f"{shard}/{f.relative_to(seg)}"] = f.read_bytes()
+        return out
+
+    assert chunk_files(parallel.store_path) == chunk_files(serial.store_path) != {}
+
+
+def test_encode_threads_default_to_none_on_cpu_and_idle_cores_on_a_gpu(monkeypatch):
+    from probecache.extract.run import encode_threads_for
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert encode_threads_for(None, "cpu") == 0 and encode_threads_for(None, "cuda:0") == 15
+    assert encode_threads_for(3, "cpu") == 3
+
+
 def test_store_id_changes_with_identity_fields_only(extract_config, tiny_model_other_weights, tmp_path):
     base = extract(extract_config()).store_id
     same = {
-        "batch_tokens": 50, "max_batch_size": 3, "progress": True, "device": "cpu",
+        "batch_tokens": 50, "max_batch_size": 3, "progress": True, "device": "cpu", "encode_threads": 2,
     }
     for field, value in same.items():
         assert extract(extract_config(**{field: value})).store_id == base, field
