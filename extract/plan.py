@@ -32,31 +32,46 @@ class PlannedExample:
 def select_examples(splits: dict[str, list[Example]], limit: int | None, seed: int) -> list[Example]:
     """All examples in split order, or a deterministic sample of ``limit`` spread over splits by size.
 
-    Each split gets a share proportional to its size (largest remainder, at least one each when possible);
-    within a split the sample is the examples with the smallest sha256(seed:id), kept in file order, so
-    it does not depend on how the file is sorted.
+    Each split gets a share proportional to its size, and within a split each label a share proportional to
+    its count (largest remainder, at least one each when possible); within a (split, label) the sample is the
+    examples with the smallest sha256("sample:" seed:id), kept in file order, so it does not depend on how the
+    file is sorted. The "sample:" salt matters: carving validation/test out of a train file ranks each label by
+    sha256(seed:id) too, so unsalted, train's lowest ranks sat just above each label's carve cut-off and small
+    samples came out one-sided (limit 200 of Rotten Tomatoes: a validation split of one class).
     """
     if limit is None or limit >= sum(len(v) for v in splits.values()):
         return [e for examples in splits.values() for e in examples]
-    total = sum(len(v) for v in splits.values())
-    exact = {s: limit * len(v) / total for s, v in splits.items()}
-    quota = {s: int(x) for s, x in exact.items()}
-    for s in sorted(exact, key=lambda s: exact[s] - quota[s], reverse=True)[: limit - sum(quota.values())]:
-        quota[s] += 1
-    for s in splits:  # keep every split represented when the limit allows it
-        if quota[s] == 0 and limit >= len(splits):
-            donor = max(quota, key=quota.get)
-            quota[donor] -= 1
-            quota[s] += 1
+    quota = _shares({s: len(v) for s, v in splits.items()}, limit)
     chosen = []
     for s, examples in splits.items():
-        keep = set(sorted(range(len(examples)), key=lambda i: _rank(seed, examples[i].example_id))[: quota[s]])
+        by_label: dict[int, list[int]] = {}
+        for i, e in enumerate(examples):
+            by_label.setdefault(e.label, []).append(i)
+        label_quota = _shares({k: len(v) for k, v in by_label.items()}, quota[s])
+        keep: set[int] = set()
+        for label, members in by_label.items():
+            keep.update(sorted(members, key=lambda i: _rank(seed, examples[i].example_id))[: label_quota[label]])
         chosen += [e for i, e in enumerate(examples) if i in keep]
     return chosen
 
 
+def _shares(sizes: dict, total: int) -> dict:
+    """``total`` split over ``sizes`` in proportion (largest remainder), every key at least one if possible."""
+    n = sum(sizes.values())
+    exact = {k: total * v / n for k, v in sizes.items()}
+    quota = {k: int(x) for k, x in exact.items()}
+    for k in sorted(exact, key=lambda k: exact[k] - quota[k], reverse=True)[: total - sum(quota.values())]:
+        quota[k] += 1
+    for k in sizes:  # keep every key represented when the total allows it
+        if quota[k] == 0 and total >= len(sizes):
+            donor = max(quota, key=quota.get)
+            quota[donor] -= 1
+            quota[k] += 1
+    return quota
+
+
 def _rank(seed: int, example_id: str) -> str:
-    return hashlib.sha256(f"{seed}:{example_id}".encode()).hexdigest()
+    return hashlib.sha256(f"sample:{seed}:{example_id}".encode()).hexdigest()
 
 
 def encode(texts: list[str], tokenizer, config: ExtractConfig) -> tuple[list[list[int]], list[int]]:

@@ -372,6 +372,25 @@ def test_carving_is_deterministic_stratified_disjoint_and_order_independent(tmp_
     assert {s: len(v) for s, v in reseeded.splits.items()} == {s: len(v) for s, v in first.splits.items()}
 
 
+def test_limit_samples_every_split_and_label_in_proportion_after_a_carve(tmp_path):
+    """--limit after a carve: each split keeps the label mix of the source (not the carve's cut-off side)."""
+    from probecache.extract.plan import select_examples
+
+    rows = binary_rows(300)
+    carved = load_dataset(carve_fixture(tmp_path / "a.csv", rows, [f"id{i}" for i in range(300)]))
+    for limit in (20, 60, 150):
+        sample = select_examples(carved.splits, limit, seed=0)
+        assert len(sample) == limit
+        for split, members in carved.splits.items():
+            want = Counter(ex.label for ex in members)
+            got = Counter(ex.label for ex in sample if ex.split == split)
+            share = sum(got.values()) / len(members)
+            for label, n in want.items():  # largest remainder: within one example of the exact share
+                assert abs(got[label] - n * share) <= 1, (limit, split, label, got, want)
+    assert select_examples(carved.splits, 60, seed=0) == select_examples(carved.splits, 60, seed=0)
+    assert select_examples(carved.splits, 60, seed=0) != select_examples(carved.splits, 60, seed=1)
+
+
 def test_validation_is_carved_from_train_never_from_test(data_dir):
     ds = load_dataset("toxicchat", data_dir=data_dir)
     assert [ex.example_id for ex in ds.splits["test"]] == [f"d{i}" for i in range(8)]
