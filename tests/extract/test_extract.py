@@ -79,15 +79,20 @@ def test_no_padding_is_stored_and_offsets_tile_each_segment(extract_config):
     store = open_store(extract(extract_config()).store_path)
     m = store.manifest().to_pandas()
     assert len(m) == 30 and m.example_id.is_unique
+    mixed = 0
     for segment, rows in m.groupby("segment"):
         rows = rows.sort_values("token_offset")
         assert rows.token_offset.iloc[0] == 0
+        runs = [split for k, split in enumerate(rows.split) if k == 0 or split != rows.split.iloc[k - 1]]
+        assert len(runs) == len(set(runs)), runs  # each split one contiguous token range: loaders decode only it
+        mixed += len(runs) > 1
         assert (rows.token_offset.values[1:] == (rows.token_offset + rows.n_tokens).values[:-1]).all()
         assert sorted(rows.row) == list(range(len(rows)))
         import zarr
 
         hidden = zarr.open_group(str(store.layout.segment(segment)), mode="r")["hidden"]
         assert hidden.shape == (store.n_layers, rows.n_tokens.sum(), store.hidden_size)  # no padding rows
+    assert mixed  # the fixture has shards holding several splits
     assert (m.n_tokens == m.n_tokens_original).all() and not m.truncated.any()
 
 
