@@ -5,7 +5,8 @@
 #              [STORE=path: default the store of the last `make extract`] [RUNS=runs] [ARGS=...]
 #   make sweep [PROBE=scoring] [SWEEP=grid options] | make report [RUNS=runs]
 #   make test | make lint
-#   make bench [QUICK=1] [DATA_DIR=../shared/data]: bench/extract.py, train.py, serve.py, remote.py
+#   make bench [QUICK=1] [DATA_DIR=../shared/data] [STORE=path]: bench/all.py (every CPU benchmark, ~30 min;
+#              QUICK=1 ~5 min) | make bench-gpu (GPU hosts) | make results DATA_DIR=../shared/data (hours)
 #
 # TORCH is the pip requirement for PyTorch: the CPU wheel here. On a GPU box set it to a CUDA build (index
 # options included) the first time .venv is created; pyproject's torch>=2.4 then keeps whatever you chose.
@@ -41,7 +42,7 @@ SHELL := /bin/bash
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.probecache-installed
 
-.PHONY: venv extract train sweep report test bench lint clean-stores
+.PHONY: venv extract train sweep report test bench bench-gpu results lint clean-stores
 
 venv: $(STAMP)
 
@@ -77,11 +78,16 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python bench/extract.py $(if $(QUICK),--quick) \
-		$(if $(DATA_DIR),--dataset rotten_tomatoes --dataset jigsaw --data-dir $(DATA_DIR))
-	$(BIN)/python bench/train.py $(if $(QUICK),--quick) $(if $(STORE),--store "$(STORE)")
-	$(BIN)/python bench/serve.py $(if $(QUICK),--quick)
-	$(BIN)/python bench/remote.py $(if $(QUICK),--shards 1 --examples 50) $(if $(STORE),--store "$(STORE)")
+	$(BIN)/python bench/all.py $(if $(QUICK),--quick) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
+		$(if $(STORE),--store "$(STORE)")
+
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/gpu.py $(ARGS)
+
+results: $(STAMP)
+	test -n "$(DATA_DIR)" || { echo "make results needs DATA_DIR=../shared/data (ToxicChat, Jigsaw)"; exit 2; }
+	$(BIN)/python bench/results.py --data-dir $(DATA_DIR) --write docs/RESULTS.md
+	$(BIN)/python bench/ood.py --data-dir $(DATA_DIR) --write docs/RESULTS.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

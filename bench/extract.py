@@ -31,47 +31,12 @@ import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from probecache.extract.capture import pad_batch  # noqa: E402
-from probecache.extract.config import ExtractConfig  # noqa: E402
-from probecache.extract.datasets import load_dataset  # noqa: E402
-from probecache.extract.models import load_model, resolve_device, resolve_dtype, resolve_model  # noqa: E402
-from probecache.extract.plan import batches, make_plan, select_examples  # noqa: E402
-from probecache.extract.run import extract, pad_token_id  # noqa: E402
-
-
-def bare_forward_seconds(model, shard_batches, pad_id: int) -> float:
-    """The forward passes alone, hidden states requested and left on the device, nothing kept."""
-    started = time.perf_counter()
-    with torch.inference_mode():
-        for batch in shard_batches:
-            ids, mask = pad_batch([p.token_ids for p in batch], pad_id, str(model.device))
-            model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
-
-
-def prepare(dataset: str, data_dir: str | None, limit: int, model_spec: str, dtype: str, root: Path):
-    """The model and the exact batches the extractor will run for this config."""
-    config = ExtractConfig(dataset=dataset, data_dir=data_dir, limit=limit, model=model_spec, dtype=dtype,
-                           progress=False, root=str(root))
-    ds = load_dataset(dataset, data_dir=data_dir)
-    device = resolve_device("auto")
-    model, tokenizer = load_model(resolve_model(model_spec), resolve_dtype(dtype, device), device)
-    plan = make_plan(select_examples(ds.splits, limit, config.seed), tokenizer, config)
-    by_shard: dict[int, list] = {}
-    for p in plan:
-        by_shard.setdefault(p.shard_id, []).append(p)
-    all_batches = [b for s in sorted(by_shard) for b in batches(by_shard[s], config.batch_tokens,
-                                                                 config.max_batch_size)]
-    pad_id = pad_token_id(tokenizer)
-    bare_forward_seconds(model, all_batches[:2], pad_id)  # warm-up: allocator, kernels
-    return config, model, all_batches, pad_id, device
+from common import bare_forward_seconds, prepare  # noqa: E402  (bench/common.py; bench/ is on sys.path)
+from probecache.extract.run import extract  # noqa: E402
 
 
 def bare_in_child(args: argparse.Namespace, dataset: str, limit: int) -> float:
