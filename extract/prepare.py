@@ -126,6 +126,9 @@ def identity_of(config: ExtractConfig, source: ModelSource, tokenizer, dataset: 
         "dataset_fingerprint": dataset.fingerprint(),
         "limit": config.limit,
         "limit_seed": config.seed if config.limit else None,
+        # how --limit samples (extract/plan.py select_examples): a new method is a new store id, never a store
+        # whose id no longer says which examples it holds
+        "limit_sampling": "per-split-label-salted" if config.limit else None,
         "shard_size": config.shard_size,
     }
 
