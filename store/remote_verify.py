@@ -26,7 +26,7 @@ from .remote import ObjectRoot, clean_key, parse_url
 from .remote_reader import FetchingStore, cache_limit, mirror_dir, segment_cache, sync_metadata
 from .status import open_layout, parse_segment, part_files
 from .transfer import read_stats
-from .verify import VerifyReport, _check_plan, _check_shapes, _some, check_part_record, note_example_ids
+from .verify import VerifyReport, _check_plan, _check_shapes, _some, note_example_ids, read_part_record
 
 
 def _open(url: str):
@@ -67,16 +67,10 @@ def verify_remote(url: str, workers: int = 8) -> VerifyReport:
     parts = part_files(layout)
     for shard, part in parts.items():
         where = f"manifests/{part.name}"
-        try:
-            table = pq.read_table(part)
-            stats = part_stats(part)
-        except Exception as e:  # pyarrow raises several types for a damaged file
-            problem(f"{where}: unreadable ({type(e).__name__}: {e})")
+        record = read_part_record(part, shard, plan, problem)
+        if record is None:
             continue
-        checked = check_part_record(where, shard, table, stats, plan, problem)
-        if checked is None:
-            continue
-        segment, ids, named_ok = checked
+        table, stats, segment, ids, named_ok = record
         referenced.add(segment)
         report.parts_checked += 1
         examples += len(ids)

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from probecache.manifests.schema import part_stats
 
@@ -136,16 +137,10 @@ def _check_part(layout: StoreLayout, info: dict, shard: int, part: Path, plan: d
     Returns (segment, example ids), or None when the part is too damaged to say which examples it holds.
     """
     where = f"manifests/{part.name}"
-    try:
-        table = pq.read_table(part)
-        stats = part_stats(part)
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        problem(f"{where}: unreadable ({type(e).__name__}: {e})")
+    record = read_part_record(part, shard, plan, problem)
+    if record is None:
         return None
-    checked = check_part_record(where, shard, table, stats, plan, problem)
-    if checked is None:
-        return None
-    segment, ids, named_ok = checked
+    table, stats, segment, ids, named_ok = record
     if not named_ok:
         return segment, ids  # never touch a path built from a name we did not write
     folder = layout.segments / segment
@@ -161,11 +156,25 @@ def _check_part(layout: StoreLayout, info: dict, shard: int, part: Path, plan: d
     return segment, ids
 
 
-def check_part_record(where: str, shard: int, table, stats: dict, plan: dict[int, dict[str, int]] | None,
-                      problem: Callable[[str], None]) -> tuple[str, list[str], bool] | None:
-    """A commit record against itself and the plan (no segment bytes): (segment, example ids, whether the
-    segment name is one of ours and may become a path), or None when the part is too damaged to say.
-    Shared with the remote verify (remote_verify.py)."""
+def read_part_record(part: Path, shard: int, plan: dict[int, dict[str, int]] | None,
+                     problem: Callable[[str], None]) -> tuple[pa.Table, dict, str, list[str], bool] | None:
+    """Read a commit record (a manifest part, local or mirrored) and check it against itself and the plan, no
+    segment bytes: (table, commit stats, segment, example ids, whether the segment name is one of ours and may
+    become a path), or None when the part is unreadable or too damaged to say. Shared with remote_verify.py."""
+    where = f"manifests/{part.name}"
+    try:
+        table = pq.read_table(part)
+        stats = part_stats(part)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        problem(f"{where}: unreadable ({type(e).__name__}: {e})")
+        return None
+    checked = _check_part_record(where, shard, table, stats, plan, problem)
+    return None if checked is None else (table, stats, *checked)
+
+
+def _check_part_record(where: str, shard: int, table, stats: dict, plan: dict[int, dict[str, int]] | None,
+                       problem: Callable[[str], None]) -> tuple[str, list[str], bool] | None:
+    """(segment, example ids, whether the segment name is one of ours), or None when too damaged to say."""
     missing = [c for c in _PART_COLUMNS if c not in table.column_names]
     if missing:
         problem(f"{where}: columns {missing} are missing")
