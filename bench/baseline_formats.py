@@ -30,7 +30,6 @@ round trip is a rounding, not a clipping). Each format keeps ``index.json``: the
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import disk_bytes  # bench/common.py (bench/ is on sys.path)
 from probecache.extract.capture import pad_batch
 from probecache.store.codecs import LOGICAL_DTYPES, from_storage, to_storage
 from probecache.train.loaders import Batch
@@ -63,17 +63,6 @@ def numpy_dtype(dtype: torch.dtype) -> type[np.generic]:
 def _as_numpy(hidden: torch.Tensor, dtype: type[np.generic]) -> np.ndarray:
     """One conversion per batch (bf16 -> fp16 rounds to nearest), then plain numpy from there on."""
     return hidden.to(torch.float32 if dtype == np.float32 else torch.float16).numpy()
-
-
-def _folder_bytes(folder: Path) -> tuple[int, int]:
-    """(file sizes, allocated bytes) of everything under ``folder``."""
-    size = allocated = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            st = os.stat(os.path.join(root, name))
-            size += st.st_size
-            allocated += st.st_blocks * 512
-    return size, allocated
 
 
 # ---- writers -------------------------------------------------------------------------------------------------
@@ -247,10 +236,10 @@ class _Reader:
         return len(self.example_ids)
 
     def bytes_on_disk(self) -> int:
-        return _folder_bytes(self.folder)[0]
+        return disk_bytes(self.folder)[0]
 
     def bytes_allocated(self) -> int:
-        return _folder_bytes(self.folder)[1]
+        return disk_bytes(self.folder)[1]
 
     def read_example(self, i: int) -> torch.Tensor:
         raise NotImplementedError
@@ -351,15 +340,15 @@ class StoreReader:
         return len(self.example_ids)
 
     def bytes_on_disk(self) -> int:
-        return _folder_bytes(self.store.path)[0]
+        return disk_bytes(self.store.path)[0]
 
     def bytes_allocated(self) -> int:
-        return _folder_bytes(self.store.path)[1]
+        return disk_bytes(self.store.path)[1]
 
     def hidden_bytes(self) -> int:
         """The ``hidden`` arrays alone (the store also holds pooled means, last-token states and manifests)."""
         segments = self.store.path / "segments"
-        return sum(_folder_bytes(p / "hidden")[0] for p in segments.iterdir() if (p / "hidden").is_dir())
+        return sum(disk_bytes(p / "hidden")[0] for p in segments.iterdir() if (p / "hidden").is_dir())
 
     def read_example(self, i):
         return self.store.hidden(self.example_ids[i])  # (L+1, n, d)

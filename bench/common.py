@@ -7,6 +7,7 @@ the CLI runs with PASSIVE, and so do the benchmarks that compare against it. Ben
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -49,3 +50,15 @@ def prepare(dataset: str, data_dir: str | None, limit: int | None, model_spec: s
     pad_id = pad_token_id(tokenizer)
     bare_forward_seconds(model, all_batches[:2], pad_id)  # warm-up: allocator, kernels
     return config, model, all_batches, pad_id, device
+
+
+def disk_bytes(folder: Path) -> tuple[int, int]:
+    """(file sizes, bytes allocated on the file system as `du` counts them) of everything under ``folder``:
+    they differ for sparse files (a padded memmap's unwritten holes)."""
+    size = allocated = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            st = os.lstat(os.path.join(root, name))
+            size += st.st_size
+            allocated += st.st_blocks * 512
+    return size, allocated

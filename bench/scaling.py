@@ -42,14 +42,13 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import bare_forward_seconds  # noqa: E402  (bench/common.py; bench/ is on sys.path)
+from common import bare_forward_seconds, disk_bytes  # noqa: E402  (bench/common.py; bench/ is on sys.path)
 from probecache.extract.config import ExtractConfig  # noqa: E402
 from probecache.extract.datasets import load_dataset  # noqa: E402
 from probecache.extract.models import load_model, resolve_device, resolve_dtype, resolve_model  # noqa: E402
 from probecache.extract.plan import batches  # noqa: E402
 from probecache.extract.prepare import freeze_plan, prepare  # noqa: E402
 from probecache.extract.run import extract, pad_token_id  # noqa: E402
-from probecache.store.gc import tree_bytes  # noqa: E402
 from probecache.store.reader import open_store  # noqa: E402
 from probecache.train.data import batch_source, labels_of, resolve_splits  # noqa: E402
 from probecache.train.probes import ProbeConfig  # noqa: E402
@@ -102,11 +101,6 @@ class PeakRss:
     @property
     def growth_mb(self) -> float | None:
         return None if self.peak_mb is None else self.peak_mb - self.base_mb
-
-
-def allocated_bytes(path: Path) -> int:
-    """Bytes the files occupy on the file system (blocks), as `du` counts them; tree_bytes is their sizes."""
-    return sum(os.lstat(Path(d) / f).st_blocks * 512 for d, _, files in os.walk(path) for f in files)
 
 
 # ---- measurements of one store ---------------------------------------------------------------------------
@@ -196,14 +190,14 @@ def extract_point(config: ExtractConfig) -> dict:
         "fixed_s": result.wall_seconds - result.loop_seconds, "forward_s_in_loop": result.forward_seconds,
         "tokens_per_s": t.tokens / result.loop_seconds, "padding_fraction": 1 - t.tokens / t.padded_tokens,
         "compression_ratio": t.hidden_bytes_raw / t.hidden_bytes_stored,
-        "bytes_stored_arrays": t.bytes_stored, "disk_bytes": tree_bytes(result.store_path),
+        "bytes_stored_arrays": t.bytes_stored,
         # hidden states per token; the per-example arrays (fp32 means, last-token states) per example; the rest
         # of the disk (manifests, plan, store.json, zarr metadata) per store
         "hidden_kib_per_token": t.hidden_bytes_stored / t.tokens / 1024,
         "per_example_arrays_kib": (t.bytes_stored - t.hidden_bytes_stored) / t.examples / 1024,
-        "disk_allocated_bytes": allocated_bytes(result.store_path),
         "extract_peak_rss_mb": mem.peak_mb, "extract_rss_growth_mb": mem.growth_mb,
     }
+    point["disk_bytes"], point["disk_allocated_bytes"] = disk_bytes(result.store_path)
     point["kib_per_token"] = point["disk_bytes"] / t.tokens / 1024
     point["metadata_bytes"] = point["disk_bytes"] - t.bytes_stored
     point["read"] = one_example_reads(store)
