@@ -21,6 +21,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -74,33 +75,114 @@ class SourceRequest:
 # ----------------------------------------------------------------------------------------- cell values
 
 
-def label_str(value: object) -> str | None:
-    """Canonical spelling of a raw label, so 1, 1.0 and "1" agree; None when missing/NaN/blank."""
-    if value is None:
-        return None
+# A CSV/TSV cell has no type, so "no value" arrives as text: pandas writes NaN as "" or "nan", Python's
+# str(None) is "None", a JSON null pasted into a sheet is "null". Any case of these is a missing label.
+MISSING_SPELLINGS = frozenset({"", "nan", "none", "null"})
+# "1.0" is how pandas writes an int column that had a gap: the same class as "1" and 1.
+_INTEGRAL_DECIMAL = re.compile(r"[+-]?\d+\.0*")
+
+
+class BadValue(DatasetError):
+    """A cell whose type cannot be what its column means (a boolean or list as a label, a number as text).
+    `load_generic` collects these per row and raises one DatasetError naming the row ids."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"a value of type {kind}")
+        self.kind = kind
+
+
+def _type_name(value: object) -> str:
+    # JSON's words for what JSONL users wrote; Parquet's lists and structs arrive as list and dict too.
+    names = {bool: "boolean", list: "list", dict: "object", int: "number", float: "number", str: "string"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _number_str(value: int | float) -> str | None:
     if isinstance(value, float):
         if math.isnan(value):
             return None
+        if math.isinf(value):
+            raise BadValue("infinite")
         if value.is_integer():
             return str(int(value))
-    text = str(value).strip()
+    return str(value)
+
+
+def label_str(value: object) -> str | None:
+    """Canonical spelling of a raw label: 1, 1.0, "1" and "1.0" are one class "1" (CSV cannot tell them
+    apart, so no format does). None when missing: null, NaN, blank, or spelled NaN/None/null in any case.
+    A boolean, list, object or other non-scalar raises BadValue: its Python spelling ("True", "[1, 2]")
+    must never become a class name."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise BadValue(_type_name(value))
+    if not isinstance(value, str):
+        return _number_str(value)
+    text = value.strip()
+    if text.lower() in MISSING_SPELLINGS:
+        return None
+    if _INTEGRAL_DECIMAL.fullmatch(text):
+        return str(int(text.partition(".")[0]))  # not via float: ints beyond 2**53 keep every digit
+    return text
+
+
+def id_str(value: object) -> str | None:
+    """An id (or split) cell: a scalar like a label, but every spelling is kept ("None" may be a real id)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise BadValue(_type_name(value))
+    text = _number_str(value) if not isinstance(value, str) else value.strip()
     return text or None
 
 
 def text_str(value: object) -> str | None:
+    """Text exactly as written; None when absent (null, NaN), which makes an "empty text" bad row. Anything
+    but a string raises BadValue: a list's or a number's Python spelling is not a text anyone wrote."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
-    return value if isinstance(value, str) else str(value)
+    if not isinstance(value, str):
+        raise BadValue(_type_name(value))
+    return value
 
 
 # ----------------------------------------------------------------------------------------- file readers
 
 
-def _open_text(path: Path):
+def _open_text(path: Path, newline: str = ""):
     # utf-8-sig: spreadsheet exports often start with a BOM that would otherwise stick to the first header.
     if path.suffix == ".bz2":
-        return bz2.open(path, "rt", encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
+        return bz2.open(path, "rt", encoding="utf-8-sig", newline=newline)
+    return open(path, encoding="utf-8-sig", newline=newline)
+
+
+@contextmanager
+def _reading(path: Path, kind: str) -> Iterator[None]:
+    """Decoding and I/O failures while reading `path` become one-line DatasetErrors, not tracebacks."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        raise _utf8_error(path, kind) from None
+    except OSError as exc:  # unreadable, a directory, a corrupt .bz2
+        raise DatasetError(f"cannot read {path} ({exc.strerror or exc}): check that it is a readable {kind} "
+                           "file") from None
+
+
+def _utf8_error(path: Path, kind: str) -> DatasetError:
+    # The decoder's own position counts from the start of whichever buffer it was decoding, which means
+    # nothing to a user: find the first bad byte in the whole file (only on this error path) and name its line.
+    opener = bz2.open if path.suffix == ".bz2" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line, column = data.count(b"\n", 0, exc.start) + 1, exc.start - line_start + 1
+        return DatasetError(f"{path}:{line}: byte 0x{data[exc.start]:02x} at column {column} is not UTF-8: "
+                            f"re-save the {kind} file as UTF-8")
+    return DatasetError(f"cannot decode {path}: re-save the {kind} file as UTF-8")  # pragma: no cover
 
 
 def read_table(path: Path, delimiter: str = ",") -> tuple[list[str], Iterator[dict[str, str]]]:
@@ -110,11 +192,14 @@ def read_table(path: Path, delimiter: str = ",") -> tuple[list[str], Iterator[di
     # chat logs); raising it is process-wide but only ever loosens a check.
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    try:
-        with _open_text(path) as f:
-            rows = list(csv.reader(f, delimiter=delimiter, quoting=quoting))
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DatasetError(f"cannot parse {path}: {exc}: check that it is UTF-8 {_kind(delimiter)}") from None
+    with _reading(path, _kind(delimiter)), _open_text(path) as f:
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        try:
+            rows = list(reader)
+        except csv.Error as exc:
+            raise DatasetError(
+                f"{path}:{reader.line_num}: cannot parse ({exc}): check that it is a UTF-8 {_kind(delimiter)}"
+            ) from None
     if not rows:
         raise DatasetError(f"{path} is empty: expected a header line and data rows")
     header = [h.strip() for h in rows[0]]
@@ -127,25 +212,33 @@ def _kind(delimiter: str) -> str:
 
 def _lines(path: Path) -> list[str]:
     # Not str.splitlines(): it would also split on \x85, \u2028 and friends, which do occur inside texts.
-    try:
-        with _open_text(path) as f:
-            return [line.removesuffix("\r") for line in f.read().split("\n")]
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"cannot read {path}: {exc}: check that it is UTF-8") from None
+    with _reading(path, "text"), _open_text(path) as f:
+        return [line.removesuffix("\r") for line in f.read().split("\n")]
+
+
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
 def read_jsonl(path: Path) -> list[dict]:
     records = []
-    with _open_text(path) as f:
+    # newline="\n": lines end at \n only, so line numbers agree with editors and with _utf8_error's count.
+    with _reading(path, "JSONL"), _open_text(path, newline="\n") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}:{line_no} is not valid JSON ({exc.msg}): fix that line") from None
+                raise DatasetError(
+                    f"{path}:{line_no} is not valid JSON ({exc.msg} at column {exc.colno}): fix that line"
+                ) from None
+            except RecursionError:
+                raise DatasetError(f"{path}:{line_no} nests JSON too deeply: flatten that record") from None
             if not isinstance(record, dict):
-                raise DatasetError(f"{path}:{line_no} is not a JSON object: expect one object per line")
+                raise DatasetError(
+                    f"{path}:{line_no} is a JSON {_JSON_KINDS.get(type(record), 'value')}, not an object: "
+                    'write one {"text": ..., "label": ...} object per line'
+                )
             records.append(record)
     return records
 
@@ -277,7 +370,9 @@ def load_generic(
     kind: str, path: Path, text_col: str | None, label_col: str | None, id_col: str | None
 ) -> RawDataset:
     """A user's own labelled file. Label names are the sorted distinct values (numerically when they are
-    all integers), so the same file always maps to the same ints."""
+    all integers), so the same file always maps to the same ints. Labels are compared by their canonical
+    text (`label_str`): 1, 1.0, "1" and "1.0" are one class. A cell whose type cannot be a label, a text
+    or an id (a boolean or list label, a number as text) is an error naming the rows, never a class."""
     name = f"{kind}:{path}"
     if not path.is_file():
         raise DatasetError(f"{name}: file not found: {path}")
@@ -303,21 +398,32 @@ def load_generic(
 
     split_col = "split" in header
     rows: dict[str, list[RawRow]] = {}
+    rejected: dict[tuple[str, str, str], list[str]] = {}  # (role, column, type) -> ids of the rows holding one
     for i, r in enumerate(records):
         split = "train"
         if split_col:
-            raw_split = (label_str(r.get("split")) or "").lower()
+            try:
+                raw_split = (id_str(r.get("split")) or "").lower()
+            except BadValue:
+                raw_split = ""  # reported just below, with the value as written
             if raw_split not in _SPLIT_ALIASES:
                 raise DatasetError(
                     f"{name}: row {i} has split '{r.get('split')}': use train, validation (val, dev) or test"
                 )
             split = _SPLIT_ALIASES[raw_split]
-        source_id = label_str(r.get(id_col)) if id_col else None
         # Without a split column, the row's split is only known after carving, which itself hashes the id.
         fallback = f"{split}-{i}" if split_col else f"row-{i}"
-        rows.setdefault(split, []).append(
-            RawRow(source_id or fallback, text_str(r.get(text_col)), label_str(r.get(label_col)))
-        )
+        cells: dict[str, str | None] = {}
+        parsers = (("id", id_col, id_str), ("text", text_col, text_str), ("label", label_col, label_str))
+        for role, col, parse in parsers:
+            try:
+                cells[role] = parse(r.get(col)) if col else None
+            except BadValue as exc:
+                cells[role] = None
+                rejected.setdefault((role, col, exc.kind), []).append(cells.get("id") or fallback)
+        rows.setdefault(split, []).append(RawRow(cells["id"] or fallback, cells["text"], cells["label"]))
+    if rejected:
+        raise DatasetError(_rejected_summary(name, rejected))
     values = {row.label for split_rows in rows.values() for row in split_rows if row.label is not None}
     numeric = all(re.fullmatch(r"-?\d+", v) for v in values)
     label_names = tuple(sorted(values, key=(lambda v: (int(v), v)) if numeric else None))
@@ -328,3 +434,24 @@ def load_generic(
         absent = [s for s in SPLITS if s not in rows and not (s == "validation" and "train" in rows)]
         ds.missing.update({s: f"rows with split={s} in {path}" for s in absent})
     return ds
+
+
+_FIXES = {
+    "id": "write each id as a string or an integer",
+    "text": "write each text as a string",
+    "label": "write each label as a string or an integer (a boolean as 0/1)",
+}
+
+
+def _rejected_summary(name: str, rejected: dict[tuple[str, str, str], list[str]]) -> str:
+    """One line for every cell whose type cannot be what its column means: which column, which type, how many
+    rows and the first ids, then the fix. Never excluded as bad rows: a whole column of booleans silently
+    dropped (or turned into classes "True"/"False") is exactly the wrong number this refuses to produce."""
+    parts = []
+    for (role, col, kind), ids in rejected.items():
+        more = ", ..." if len(ids) > 3 else ""
+        rows = f"{len(ids)} row{'s' if len(ids) > 1 else ''}"
+        parts.append(f"{role} column '{col}' has {kind} values in {rows} ({', '.join(ids[:3])}{more})")
+    fixes = "; ".join(_FIXES[role] for role in _FIXES if any(r == role for r, _, _ in rejected))
+    return f"{name}: {'; '.join(parts)}: {fixes}"
+

@@ -15,6 +15,10 @@ Rules every dataset follows, so probes are comparable across them:
 - Bad rows (empty text, missing or unknown label, a repeated example_id) are excluded and reported in
   `Dataset.bad_rows`; `strict=True` turns any of them into an error. A repeated *text* is not a bad row:
   benchmarks contain real duplicates and dropping them would change published split sizes.
+- Labels are parsed by type (`dataset_sources.label_str`): 1, 1.0, "1" and "1.0" are one class; null, NaN,
+  blank and the spellings NaN/None/null are a missing label. In a generic file, a label or text of the
+  wrong type (a boolean or list label, a number as text) is an error naming the rows, never a class
+  spelled by its Python repr and never a silently dropped row.
 - Rows a source documents as "not data" (Rotten Tomatoes plot synopses, VADER's neutral snippets,
   Kaggle's unscored -1 test rows) are dropped silently and counted in `Dataset.source`.
 - A split without a file is carved, never from test: stratified by label, each label's examples ordered
