@@ -14,11 +14,11 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from probecache.store.layout import new_attempt_id
-from probecache.store.remote import is_remote
+from probecache.store.remote import is_remote, writable_root
 from tqdm.auto import tqdm
 
 from .config import ExtractConfig
@@ -49,6 +49,10 @@ class ExtractResult:
 def extract(config: ExtractConfig, launch: LaunchConfig | None = None) -> ExtractResult:
     launch = launch or LaunchConfig()
     launch.validate()
+    # the root before any data, tokenizer or model work: a URL with credentials or an unknown scheme, a file in
+    # the way or a read-only folder is a one-line error now, and every later use (staging, store.json's
+    # provenance, the printed store) sees the canonical form (s3://..., never S3:/... taken for a folder)
+    config = replace(config, root=writable_root(config.root))
     started = time.time()
     prep = prepare(config)
     # --root URL (extract/remote.py): the remote store's header and commits decide, staging does the work

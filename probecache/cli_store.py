@@ -25,10 +25,13 @@ _MAX_PROBLEM_LINES = 50  # a badly damaged store can have thousands; the first o
 _STORE_HELP = "A store: ROOT/<store_id>, a folder or a URL (s3://bucket/prefix/<store_id>)."
 
 
-def _is_url(text: str) -> bool:
-    from probecache.store.remote import is_remote
+def _where(text: str) -> tuple[str, bool]:
+    """A STORE argument in canonical form and whether it is a URL. Through parse_root (store/remote.py), so an
+    ``S3://KEY:SECRET@...`` or ``s3:/...`` is refused or read as the URL it is, never used as a local folder."""
+    from probecache.store.remote import is_remote, root_text
 
-    return is_remote(text)
+    text = root_text(text)
+    return text, is_remote(text)
 
 
 @store_app.command("info")
@@ -77,17 +80,23 @@ def store_ls(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON list.")] = False,
 ) -> None:
     """List the stores under a root, newest first."""
+    from probecache.store.errors import StoreError
     from probecache.store.reader import list_stores
+    from probecache.store.remote import readable_root
 
+    root = root or default_root()
     try:
-        stores = list_stores(root or default_root())
+        root = readable_root(root)
+        stores = list_stores(root)
     except USER_ERRORS as e:
         fail(e)
+    except OSError as e:  # unreadable folder, I/O error: a local path that passed parse_root (URLs raise StoreError)
+        fail(StoreError(f"store root {root}: {e.strerror or e}"))
     if as_json:
         typer.echo(json.dumps(stores, indent=1))
         return
     if not stores:
-        typer.echo(f"no stores under {root or default_root()}")
+        typer.echo(f"no stores under {root}")
         return
     rows = [["store", "model", "dataset", "examples", "size", "status", "created"]]
     for s in stores:
@@ -119,10 +128,12 @@ def store_status_cmd(
     from probecache.store.errors import StoreError
     from probecache.store.status import format_status, store_status
 
-    if _is_url(store):
-        fail(StoreError("store status reads the attempts in progress on the machine that runs them: on a URL, "
-                        "`probecache store info` shows the committed shards (run status on the extracting host)"))
     try:
+        store, url = _where(store)
+        if url:
+            raise StoreError("store status reads the attempts in progress on the machine that runs them: on a "
+                             "URL, `probecache store info` shows the committed shards (run status on the "
+                             "extracting host)")
         status = store_status(store, stale_after=_age(stale_after, "--stale-after"))
     except USER_ERRORS as e:
         fail(e)
@@ -146,7 +157,8 @@ def store_verify(
     from probecache.store.verify import verify_store
 
     try:
-        if _is_url(store):
+        store, url = _where(store)
+        if url:
             from probecache.store.remote_verify import verify_remote
 
             report = verify_remote(store)
@@ -187,7 +199,8 @@ def store_gc(
     from probecache.store.gc import format_gc, gc_store
 
     try:
-        if _is_url(store):
+        store, url = _where(store)
+        if url:
             from probecache.store.remote_verify import gc_remote
 
             report = gc_remote(store, _age(older_than, "--older-than"), dry_run=dry_run)

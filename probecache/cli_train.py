@@ -57,15 +57,20 @@ def open_store_arg(store: str, root: str | None):
     """A store folder or URL, or a store id under --root / $PROBECACHE_ROOT (a folder or a URL)."""
     from probecache.extract.config import default_root
     from probecache.store.reader import open_store
-    from probecache.store.remote import is_remote
+    from probecache.store.remote import is_remote, root_text
 
-    base = root or default_root()
+    # both through parse_root (store/remote.py): a URL in any case or slash count is read as the URL it is, one
+    # with credentials is refused, and neither is ever looked up as a local folder
+    store = root_text(store)
+    if is_remote(store):
+        return open_store(store)
+    base = root_text(root or default_root())
     if is_remote(base) and "/" not in store:
-        return open_store(f"{base.rstrip('/')}/{store}")
+        return open_store(f"{base}/{store}")
 
     path = Path(store).expanduser()
     if not (path / "store.json").is_file() and not path.is_absolute() and "/" not in store:
-        candidate = Path(base) / store
+        candidate = Path(base).expanduser() / store
         if (candidate / "store.json").is_file():
             path = candidate
     return open_store(path)

@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 from probecache.store.errors import StoreError
+from probecache.store.reader import list_stores, open_store
 from probecache.store.remote import (
     LocalRoot,
+    Location,
     ObjectRoot,
     clean_key,
     is_remote,
     local_path,
     open_root,
+    parse_root,
     parse_url,
     repair_url,
+    root_text,
     scrub,
     store_root,
+    writable_root,
 )
 
 
@@ -27,7 +33,8 @@ def test_parse_urls():
     assert (loc.scheme, loc.bucket, loc.prefix, loc.url) == ("s3", "my-bucket", "team/stores", "s3://my-bucket/team/stores")
     assert parse_url("gs://bucket-1").url == "gs://bucket-1"
     assert parse_url("memory://tests/x").child("a/b").url == "memory://tests/x/a/b"
-    assert is_remote("s3://b/p") and is_remote("memory://x") and not is_remote("file:///tmp") and not is_remote("/tmp")
+    assert is_remote("s3://bucket/p") and is_remote("memory://x")
+    assert not is_remote("file:///tmp") and not is_remote("/tmp")
     assert repair_url(__import__("pathlib").Path("s3://bucket/p/id")) == "s3://bucket/p/id"
     assert str(local_path("file:///tmp/x")) == "/tmp/x"
 
@@ -43,6 +50,80 @@ def test_credentials_in_urls_are_refused_without_echoing_them():
     with pytest.raises(StoreError) as e:
         parse_url("s3://AKIAEXAMPLE:s3cr3tvalue@bucket/prefix")
     assert "s3cr3tvalue" not in str(e.value) and "AKIAEXAMPLE" not in str(e.value)
+
+
+# (given, canonical text, remote?): any case, any slash count, Path-collapsed; local paths as given
+CANONICAL = [
+    ("S3://bucket/p", "s3://bucket/p", True),
+    ("s3:/bucket/p", "s3://bucket/p", True),
+    ("s3:///bucket/p/", "s3://bucket/p", True),
+    ("s3:bucket/p", "s3://bucket/p", True),
+    ("GS://bucket-1", "gs://bucket-1", True),
+    ("Memory://Name/x", "memory://Name/x", True),
+    (Path("s3://bucket/p/id"), "s3://bucket/p/id", True),
+    (Path("S3://bucket/p"), "s3://bucket/p", True),
+    ("file:///tmp/x", "/tmp/x", False),
+    ("FILE:/tmp/x", "/tmp/x", False),
+    ("file://localhost/tmp/x", "/tmp/x", False),
+    ("stores", "stores", False),
+    ("./a:b", "./a:b", False),  # a colon with no slash after it, or after ./, is part of a folder name
+    ("a:b", "a:b", False),
+    ("/data/run:1/stores", "/data/run:1/stores", False),
+    ("~/stores", "~/stores", False),
+]
+
+
+@pytest.mark.parametrize(("given", "text", "remote"), CANONICAL)
+def test_roots_parse_to_one_canonical_form(given, text, remote):
+    assert root_text(given) == repair_url(given) == text
+    assert is_remote(given) is remote
+    parsed = parse_root(given)
+    assert isinstance(parsed, Location) is remote
+    assert (parsed.url if remote else parsed) == (text if remote else Path(text).expanduser().resolve())
+
+
+KEY, SECRET = "AKIAFAKEKEY0EXAMPLE1", "wJalrXUtnFEMI0SECRET0VALUE"
+WITH_CREDENTIALS = [
+    f"S3://{KEY}:{SECRET}@bucket/p", f"s3:/{KEY}:{SECRET}@bucket/p", f"s3:///{KEY}:{SECRET}@b/p",
+    f"Gs://u:{SECRET}@b/p", f"s3://{KEY}:{SECRET}@bucket/p", f"memory://{KEY}@name/p",
+    f"s3://bucket/p?secret={SECRET}", f"s3://bucket/p?X-Amz-Signature={SECRET}&a=1", f"file://{KEY}:{SECRET}@host/x",
+    f"FTP://{KEY}:{SECRET}@host/x", f"{KEY}:{SECRET}@bucket/p", f"s3://{KEY}:ab/{SECRET}@bucket/p",
+    f"{KEY}:ab/{SECRET}@bucket/p", Path(f"S3://{KEY}:{SECRET}@bucket/p"),
+]
+
+
+@pytest.mark.parametrize("url", WITH_CREDENTIALS, ids=range(len(WITH_CREDENTIALS)))
+def test_every_entry_refuses_credentials_without_echoing_them(url, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROBECACHE_CACHE", str(tmp_path / "cache"))
+    for entry in (parse_root, root_text, is_remote, local_path, open_root, store_root, writable_root, open_store,
+                  list_stores):
+        with pytest.raises(StoreError) as e:
+            entry(url)
+        message = str(e.value)
+        assert KEY not in message and SECRET not in message, (entry, message)
+        assert "credentials" in message and "AWS_ACCESS_KEY_ID" in message, (entry, message)
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("url", ["http://host/p", "HTTPS://host/p", "a:/b", "c:/x", "az://c/p", "S4://bucket/p"])
+def test_unknown_schemes_are_refused_naming_the_supported_ones(url):
+    with pytest.raises(StoreError) as e:
+        root_text(url)
+    assert "unsupported URL scheme" in str(e.value) and "s3://" in str(e.value) and "./NAME" in str(e.value)
+
+
+def test_a_long_scheme_is_not_echoed():
+    with pytest.raises(StoreError) as e:
+        root_text(f"{KEY}:/{SECRET}")
+    assert KEY.lower() not in str(e.value).lower() and SECRET not in str(e.value)
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/p?endpoint=x", "s3://bucket/p#x", " s3://bucket/p", "'s3://bucket/p'",
+                                 "file://host/x", "file:relative", "", "   ", "s3://KEY:SECRET/p", "s3://UPPER/p"])
+def test_malformed_roots_are_refused(url):
+    with pytest.raises(StoreError) as e:
+        root_text(url)
+    assert "SECRET" not in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("key", ["../x", "/etc/passwd", "a//b", "a/../../b", "a/./b", "", "a\\..\\b"])
