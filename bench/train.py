@@ -7,7 +7,10 @@ machines are noisy; ratios of interleaved repeats are not):
      order, shuffle buffer, padded bf16 batches of 32) over tokens/s of just decoding the same segments'
      ``hidden`` arrays (zarr read of the split's token range, all layers, nothing else). 1.0 = the loader
      adds nothing on top of decompression.
-  2. K variants in one shared pass relative to K separate runs: wall time of ``fit_shared`` on K variants
+  2. read-time verification: loader tokens/s through the normal reader (every file checked against its
+     commit record before use, store/verified.py) over tokens/s of the same loader reading the files
+     unchecked (as readers did before). 1.0 = the check is free; the target is >= 0.95.
+  3. K variants in one shared pass relative to K separate runs: wall time of ``fit_shared`` on K variants
      (each batch read once) over the summed wall time of K single-variant runs, same epochs and batches.
      < 1 is the saving; it is largest for probes whose compute is small next to the reads (pooling,
      scoring) and smallest for MHA, whose compute dominates.
@@ -28,7 +31,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from probecache.store.reader import open_store  # noqa: E402
+from probecache.store.reader import Store, open_store  # noqa: E402
 from probecache.train.data import batch_source, labels_of, resolve_splits  # noqa: E402
 from probecache.train.probes import ProbeConfig  # noqa: E402
 from probecache.train.sweep import auto_heads  # noqa: E402
@@ -48,6 +51,16 @@ def raw_decode_seconds(store, split: str) -> tuple[float, int]:
         block = np.asarray(store._group(seg)["hidden"][:, lo:hi])  # (L1, hi - lo, d)
         tokens += block.shape[1]
     return time.perf_counter() - started, tokens
+
+
+class UncheckedStore(Store):
+    """The same store with segment files read as they are, not checked against their commit records: what
+    every reader did before read-time verification. Only here, to price the check."""
+
+    def _segment_store(self, segment, files):
+        from zarr.storage import LocalStore
+
+        return LocalStore(self.layout.segment(segment), read_only=True)
 
 
 def loader_seconds(store, splits, epoch: int) -> tuple[float, int]:
@@ -110,7 +123,19 @@ def main() -> None:
     print(f"   token loader{statistics.median(loader_rates):>10,.0f} tok/s")
     print(f"   ratio loader / raw: {statistics.median(ratios):.3f} (repeats: {', '.join(f'{x:.3f}' for x in ratios)})")
 
-    print(f"\n2. {k} variants in one shared pass vs {k} separate runs ({epochs} epoch(s) each)")
+    checked_ratio = []
+    unchecked = UncheckedStore(store.path)
+    for r in range(max(repeats, 3)):  # interleaved, each side on a fresh reader (no warm in-process cache)
+        fresh = open_store(store.path)
+        checked_s, checked_tokens = loader_seconds(fresh, splits, epoch=r)
+        plain_s, plain_tokens = loader_seconds(unchecked, splits, epoch=r)
+        unchecked = UncheckedStore(store.path)
+        checked_ratio.append((checked_tokens / checked_s) / (plain_tokens / plain_s))
+    print("\n2. read-time verification (train split, all layers)")
+    print(f"   loader checked / unchecked: {statistics.median(checked_ratio):.3f} "
+          f"(repeats: {', '.join(f'{x:.3f}' for x in checked_ratio)})")
+
+    print(f"\n3. {k} variants in one shared pass vs {k} separate runs ({epochs} epoch(s) each)")
     # (mean pooling of raw states on the pooled tier is left out: it loads once into memory and fits in well
     # under a second, so there is no read to share and the ratio is timer noise)
     rows = [("pooling", "rms", "pooling (tokens)"), ("scoring", "rms", "scoring"), ("mha", "rms", "mha (downcast 32)")]

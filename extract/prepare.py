@@ -7,7 +7,6 @@ task refuses to work on a store whose plan differs from its own.
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
@@ -19,6 +18,7 @@ import pyarrow.parquet as pq
 from probecache.store.codecs import logical_dtype_name
 from probecache.store.commit import create_if_absent
 from probecache.store.faults import crash_point
+from probecache.store.header import read_header, seal_header
 from probecache.store.layout import FORMAT_VERSION, StoreLayout, store_id_for
 from probecache.store.remote import store_root
 
@@ -64,7 +64,7 @@ class PreparedStore:
         """store.json of an existing store at this id (checked to hold this very extraction)."""
         if not self.layout.store_json.is_file():
             return None
-        info = json.loads(self.layout.store_json.read_text())
+        info = read_header(self.layout.path)
         if info.get("identity") != self.identity:  # only a hash collision or a hand-edited store gets here
             differs = sorted(k for k in {*info.get("identity", {}), *self.identity}
                              if info.get("identity", {}).get(k) != self.identity.get(k))
@@ -188,7 +188,9 @@ def _write_store_header(prep: PreparedStore, table: pa.Table, digest: str) -> No
             "extract_config": asdict(config),  # the command that made it (paths included)
         },
     }
-    create_if_absent(layout.store_json, json.dumps(header, indent=1).encode())
+    # manifests/ exists from the start: a store whose manifests/ folder is gone is damaged, never "empty"
+    layout.manifests.mkdir(parents=True, exist_ok=True)
+    create_if_absent(layout.store_json, seal_header(header))
     crash_point("header-written")
 
 

@@ -7,15 +7,16 @@ see examples whose activations are complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
+SCHEMA_VERSION_KEY = b"probecache.schema_version"
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -35,30 +36,91 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("row", pa.int32()),
         pa.field("store_id", pa.string()),
     ],
-    metadata={b"probecache.schema_version": str(SCHEMA_VERSION).encode()},
+    metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
 TEXT_FIELD = pa.field("text", pa.string())  # only when the user opted in to storing raw text
+STATS_KEY = b"probecache.shard_stats"
+# sha256 of the part's values and stats (content_digest): a flipped bit anywhere that pyarrow still parses
+# changes a value, and that changes the digest. Parts written before it existed carry none (still readable).
+DIGEST_KEY = b"probecache.part_sha256"
+
+
+class ManifestError(RuntimeError):
+    """A manifest part is unreadable or fails its own checksum; the message names the file and the fix."""
+
+
+def content_digest(table: pa.Table, stats_json: bytes) -> str:
+    """sha256 over every column's values (by name, in order) and the stats JSON: independent of Parquet's
+    encoding, so it checks what a reader gets, not how a pyarrow version happened to lay the bytes out."""
+    h = hashlib.sha256()
+    for name in table.column_names:
+        h.update(json.dumps(name).encode())
+        h.update(json.dumps(table[name].to_pylist(), separators=(",", ":"), ensure_ascii=True).encode())
+    h.update(stats_json)
+    return h.hexdigest()
 
 
 def part_bytes(rows: list[dict], stats: dict, with_text: bool = False) -> bytes:
-    """Serialize one shard's rows; ``stats`` (bytes, tokens, timing) rides in the Parquet metadata."""
+    """Serialize one shard's rows; ``stats`` (bytes, tokens, timing, the segment's file checksums) rides in the
+    Parquet metadata, and the content digest over both beside it."""
     schema = MANIFEST_SCHEMA.append(TEXT_FIELD) if with_text else MANIFEST_SCHEMA
-    schema = schema.with_metadata({**schema.metadata, b"probecache.shard_stats": json.dumps(stats).encode()})
+    stats_json = json.dumps(stats).encode()
     table = pa.Table.from_pylist(rows, schema=schema)
+    digest = content_digest(table, stats_json).encode()
+    table = table.replace_schema_metadata({**schema.metadata, STATS_KEY: stats_json, DIGEST_KEY: digest})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue().to_pybytes()
 
 
+def read_part(source: Path | bytes, where: str | None = None) -> tuple[pa.Table, dict]:
+    """One part, whole and checked against its own digest: (rows, commit stats). ManifestError naming
+    ``where`` (default: the path) when it cannot be parsed or its values are not what was committed."""
+    where = where or f"manifests/{Path(source).name}"
+    fix = "run `probecache store verify`; rerunning the extract command rewrites damaged shards"
+    try:
+        table = pq.read_table(pa.BufferReader(source) if isinstance(source, bytes) else source)
+        meta = table.schema.metadata or {}
+        stats_json = meta.get(STATS_KEY, b"{}")
+        stats = json.loads(stats_json)
+        table = table.replace_schema_metadata(None)
+        # a flipped bit in a key's name would hide the digest or the stats: only our own keys may be present
+        unknown = set(meta) - {STATS_KEY, DIGEST_KEY, SCHEMA_VERSION_KEY, b"ARROW:schema"}
+        recorded = meta.get(DIGEST_KEY)  # None: a part written before digests existed
+        digest_ok = recorded is None or recorded.decode(errors="replace") == content_digest(table, stats_json)
+        matches = not unknown and STATS_KEY in meta and digest_ok
+    except Exception as e:  # pyarrow and json raise several types for a damaged file
+        raise ManifestError(f"{where} is damaged ({type(e).__name__}): {fix}") from e
+    if not matches:
+        raise ManifestError(f"{where} is damaged (its values do not match the checksum written at commit): {fix}")
+    if not isinstance(stats, dict):
+        raise ManifestError(f"{where} is damaged (its commit stats are not a JSON object): {fix}")
+    return table, stats
+
+
+def has_digest(part_file: Path) -> bool:
+    return DIGEST_KEY in (pq.read_schema(part_file).metadata or {})
+
+
 def read_parts(manifest_dir: Path, columns: list[str] | None = None, filter=None) -> pa.Table:
-    """All committed parts as one table, sorted by (shard_id, row). Empty table when none is committed."""
-    files = committed_part_files(manifest_dir)
-    if not files:
-        return MANIFEST_SCHEMA.empty_table().select(columns) if columns else MANIFEST_SCHEMA.empty_table()
-    dataset = ds.dataset([str(f) for f in files], format="parquet")
-    wanted = None if columns is None else list(dict.fromkeys([*columns, "shard_id", "row"]))
-    table = dataset.to_table(columns=wanted, filter=filter)
-    table = table.sort_by([("shard_id", "ascending"), ("row", "ascending")])
+    """All committed parts as one table, each checked against its digest, sorted by (shard_id, row). Empty
+    table when none is committed."""
+    tables = [read_part(f)[0] for f in committed_part_files(manifest_dir)]
+    return select_rows(concat_parts(tables), columns, filter)
+
+
+def concat_parts(tables: list[pa.Table]) -> pa.Table:
+    """Parts as one table in storage order (shard, row); an empty manifest when there are none."""
+    if not tables:
+        return MANIFEST_SCHEMA.empty_table()
+    table = pa.concat_tables(tables, promote_options="default")
+    return table.sort_by([("shard_id", "ascending"), ("row", "ascending")])
+
+
+def select_rows(table: pa.Table, columns: list[str] | None = None, filter=None) -> pa.Table:
+    """A filter (pyarrow.compute expression) then a column selection of an in-memory manifest."""
+    if filter is not None:
+        table = table.filter(filter)
     return table.select(columns) if columns else table
 
 
@@ -73,6 +135,7 @@ def committed_part_files(manifest_dir: Path) -> list[Path]:
 
 
 def part_stats(part_file: Path) -> dict:
-    """The stats a part recorded at commit time (reads only the Parquet footer)."""
+    """The stats a part recorded at commit time (reads only the Parquet footer; not checked against the digest:
+    for summaries, never for deciding what to read or delete)."""
     meta = pq.read_schema(part_file).metadata or {}
-    return json.loads(meta.get(b"probecache.shard_stats", b"{}"))
+    return json.loads(meta.get(STATS_KEY, b"{}"))

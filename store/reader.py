@@ -2,11 +2,15 @@
 
 Readers only see committed shards (those with a manifest part); in-progress or orphaned segments are
 invisible. Array reads slice contiguous layer ranges: zarr integer-list selection is ~40x slower.
+
+Nothing is trusted unchecked: store.json must match its seal (header.py), every part its digest
+(manifests/schema.py), every segment file its commit record (verified.py), and the header's dtype, layers,
+width and label names must agree with the arrays and the manifest. A damaged store is a StoreError naming
+the file and the fix, never a value.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from functools import cached_property, partial
 from pathlib import Path
@@ -16,11 +20,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import zarr
-from probecache.manifests.schema import committed_part_files, part_stats, read_parts
+from probecache.manifests.schema import (
+    PART_NAME,
+    ManifestError,
+    committed_part_files,
+    concat_parts,
+    part_stats,
+    read_part,
+    select_rows,
+)
 
-from .codecs import from_storage
+from .codecs import from_storage, storage_dtype
 from .errors import StoreError
-from .layout import FORMAT_VERSION, StoreLayout
+from .header import label_name_mismatch, read_header
+from .layout import StoreLayout
+from .verified import CheckedFiles, FileRecord, VerifiedSegmentStore
 
 Layers = int | slice | Sequence[int] | None
 
@@ -36,22 +50,15 @@ def open_store(path_or_url: str | Path, cache_size: str | int | None = None) -> 
         from .remote_reader import open_remote_store
 
         return open_remote_store(text, cache_size)
-    path = Path(text.removeprefix("file://")).expanduser()
-    if not (path / "store.json").is_file():
-        raise StoreError(f"{path} is not a probecache store (no store.json): pass <root>/<store_id>")
-    return Store(path)
+    return Store(Path(text.removeprefix("file://")).expanduser())
 
 
 class Store:
     def __init__(self, path: Path):
         self.layout = StoreLayout(Path(path))
-        self.info: dict = json.loads(self.layout.store_json.read_text())
-        if self.info.get("format_version") != FORMAT_VERSION:
-            raise StoreError(
-                f"{path}: store format {self.info.get('format_version')} is not supported "
-                f"(this probecache reads format {FORMAT_VERSION}): upgrade probecache"
-            )
+        self.info: dict = read_header(self.layout.path)
         self._groups: dict[str, zarr.Group] = {}
+        self._checked = CheckedFiles()
 
     @property
     def path(self) -> Path:
@@ -93,7 +100,52 @@ class Store:
             values = [value] if isinstance(value, (str, int)) else list(value)
             term = pc.field(name).isin(values)
             expr = term if expr is None else expr & term
-        return read_parts(self.layout.manifests, columns=columns, filter=expr)
+        return select_rows(self._committed[0], columns, expr)
+
+    @cached_property
+    def _committed(self) -> tuple[pa.Table, dict[str, FileRecord]]:
+        """Every committed part, each checked against its digest, read once: (manifest in storage order,
+        segment -> its commit record of files)."""
+        if not self.layout.manifests.is_dir() and self.layout.segments.is_dir() and any(self.layout.segments.iterdir()):
+            raise StoreError(f"{self.path}: manifests/ is missing but segments exist: the store's commit records "
+                             "are lost; restore manifests/ from a copy, or re-extract into a new root")
+        tables, records = [], {}
+        for part in committed_part_files(self.layout.manifests):
+            try:
+                table, stats = read_part(part, f"{self.path}/manifests/{part.name}")
+            except ManifestError as e:
+                raise StoreError(str(e)) from None
+            shard = int(PART_NAME.match(part.name).group(1))
+            segment = stats.get("segment")
+            if (stats.get("shard_id") != shard or set(table["shard_id"].to_pylist()) - {shard}
+                    or set(table["segment"].to_pylist()) - {segment}):
+                raise StoreError(f"{self.path}/manifests/{part.name} does not describe shard {shard} (it records shard "
+                                 f"{stats.get('shard_id')}, segment {segment}): a part was copied over another; run "
+                                 "`probecache store verify`")
+            tables.append(table)
+            files = stats.get("files")
+            if isinstance(files, dict) and isinstance(stats.get("segment"), str):
+                records[stats["segment"]] = {k: (int(v[0]), str(v[1])) for k, v in files.items()}
+        manifest = concat_parts(tables)
+        self._check_label_names(manifest)
+        return manifest, records
+
+    def _check_label_names(self, manifest: pa.Table) -> None:
+        """Each row's label_name must be store.json's name for its label: swapped or edited names would
+        silently invert every metric and every served label."""
+        if "label_name" not in manifest.column_names or manifest.num_rows == 0:
+            return
+        wrong = label_name_mismatch(self.label_names, manifest["label"].to_pylist(),
+                                    manifest["label_name"].to_pylist())
+        if wrong:
+            raise StoreError(f"{self.path}: store.json's label_names {self.label_names} disagree with the manifest "
+                             f"(label {wrong[0]} is {wrong[1]!r} there): store.json was edited or damaged; restore "
+                             "it from a copy")
+
+    def segment_files(self, segment: str) -> FileRecord | None:
+        """{file: (size, crc32c)} of a committed segment from its commit record (None for parts written before
+        records existed, which `store verify` reports)."""
+        return self._committed[1].get(segment)
 
     @cached_property
     def _index(self) -> dict[str, tuple[str, int, int, int]]:
@@ -108,10 +160,30 @@ class Store:
         except KeyError:
             raise StoreError(f"example {example_id!r} is not in store {self.store_id} (or not committed)") from None
 
+    def _segment_store(self, segment: str, files: FileRecord) -> VerifiedSegmentStore:
+        where = f"{self.path}/segments/{segment}"
+        return VerifiedSegmentStore(self.layout.segment(segment), files, self._checked, where)
+
     def _group(self, segment: str) -> zarr.Group:
+        """The zarr group of a committed segment, read through its commit record and checked against the header."""
         if segment not in self._groups:
-            self._groups[segment] = zarr.open_group(str(self.layout.segment(segment)), mode="r")
+            files = self.segment_files(segment)
+            location = self._segment_store(segment, files) if files else str(self.layout.segment(segment))
+            group = zarr.open_group(store=location, mode="r")
+            self._check_arrays(segment, group)
+            self._groups[segment] = group
         return self._groups[segment]
+
+    def _check_arrays(self, segment: str, group: zarr.Group) -> None:
+        """store.json's dtype, layer count and width must describe the segment's hidden array: a reader that
+        trusted an edited header would reinterpret bf16 bits or drop layers without a word."""
+        hidden = group["hidden"]
+        want = (storage_dtype(self.logical_dtype), self.logical_dtype, self.n_layers, self.hidden_size)
+        got = (hidden.dtype, hidden.attrs.get("logical_dtype"), hidden.shape[0], hidden.shape[2])
+        if np.dtype(want[0]) != np.dtype(got[0]) or want[1:] != got[1:]:
+            raise StoreError(f"{self.path}: store.json says {want[1]} values, {want[2]} layers of width {want[3]}, "
+                             f"but segment {segment} holds {got[1]} ({got[0]}) values, {got[2]} layers of width "
+                             f"{got[3]}: store.json was edited or damaged; restore it from a copy")
 
     # ---- arrays -----------------------------------------------------------------------------------
 
@@ -229,5 +301,13 @@ def list_stores(root: str | Path) -> list[dict]:
     root = Path(str(root).removeprefix("file://")).expanduser()
     if not root.is_dir():
         raise StoreError(f"store root {root} does not exist: pass --root or set PROBECACHE_ROOT")
-    found = [open_store(p).summary() for p in sorted(root.iterdir()) if (p / "store.json").is_file()]
+    found = [_summary_or_damage(p) for p in sorted(root.iterdir()) if (p / "store.json").is_file()]
     return sorted(found, key=lambda s: s["created"], reverse=True)
+
+
+def _summary_or_damage(path: Path) -> dict:
+    """A store's summary; a damaged one is listed with what is wrong instead of failing the whole listing."""
+    try:
+        return open_store(path).summary()
+    except StoreError as e:
+        return {"store_id": path.name, "path": str(path), "damaged": str(e), "created": ""}

@@ -21,27 +21,24 @@ $PROBECACHE_CACHE/remote/<hash of the root URL>/<store_id>/.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import zarr
 from probecache.manifests.schema import PART_NAME, committed_part_files
-from zarr.core.buffer import Buffer, BufferPrototype
-from zarr.storage import LocalStore
 
 from .errors import StoreError
 from .gc import tree_bytes
+from .header import parse_header
 from .integrity import crc32c_hex
 from .reader import Store
 from .remote import ObjectRoot, Root, cache_dir, check_store_name, location_digest, parse_url
 from .transfer import check_fetched, shard_record
+from .verified import CheckedFiles, FileRecord, VerifiedSegmentStore
 
 DEFAULT_CACHE_SIZE = "20G"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -140,95 +137,41 @@ def segment_cache(limit: int) -> SegmentCache:
 # ---- the zarr store that fetches whole files ---------------------------------------------------------------
 
 
-class FetchingStore(LocalStore):
-    """A read-only zarr store over one mirrored segment folder; a recorded file missing locally (or not yet
-    checked by this process) is fetched whole from ``remote`` and checked against its record first.
+class FetchingStore(VerifiedSegmentStore):
+    """A read-only zarr store over one mirrored segment folder; a recorded file missing locally (or not the
+    recorded bytes) is fetched whole from ``remote`` into the mirror. Every file is checked against its
+    commit record before zarr sees a byte of it (VerifiedSegmentStore), fetched or not.
 
     Only files in the commit record exist for zarr: a stray object next to a committed segment is never read.
     """
 
-    def __init__(self, root: Path, files: dict[str, tuple[int, str]], remote: Root, cache: SegmentCache):
+    def __init__(self, root: Path, files: FileRecord, remote: Root, cache: SegmentCache, checked: CheckedFiles,
+                 where: str):
         Path(root).mkdir(parents=True, exist_ok=True)
-        super().__init__(root, read_only=True)
-        self.files, self.remote, self.cache = files, remote, cache
-        self._checked: set[str] = set()
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_lock = threading.Lock()
+        super().__init__(root, files, checked, where)
+        self.remote, self.cache = remote, cache
         self.fetched_bytes = 0
+        self.cache.touch(self.root)
 
-    def with_read_only(self, read_only: bool = False) -> FetchingStore:
-        if not read_only:
-            raise StoreError("a remote store is read-only through the reader: use `probecache store push`")
-        return self
-
-    def _lock(self, key: str) -> threading.Lock:
-        with self._locks_lock:
-            return self._locks.setdefault(key, threading.Lock())
-
-    def ensure(self, key: str) -> None:
-        """Make ``root/key`` exactly the recorded file (zarr reads many ranges of one file concurrently:
-        one thread fetches, the others wait for it)."""
-        with self._lock(key):
-            if key in self._checked:
-                return
-            size, crc = self.files[key]
-            path = self.root / key
-            try:
-                local = path.read_bytes() if path.stat().st_size == size else None
-            except FileNotFoundError:
-                local = None
-            if local is not None and crc32c_hex(local) == crc:
-                self._checked.add(key)
-                self.cache.touch(self.root)
-                return
-            data = check_fetched(self.remote.get(key), size, crc, f"{self.remote.url}/{key}")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-            self.fetched_bytes += size
-            self._checked.add(key)
-            self.cache.added(size, self.root)
-
-    async def get(self, key: str, prototype: BufferPrototype | None = None, byte_range=None) -> Buffer | None:
-        if key not in self.files:
-            return None  # not part of the committed segment: zarr treats it as absent
-        if key not in self._checked:  # zarr asks for every inner chunk separately: no thread hop once checked
-            await asyncio.to_thread(self.ensure, key)
-        out = await super().get(key, prototype, byte_range)
-        if out is None:  # evicted (by another process) between the check and the read: fetch it again
-            self._checked.discard(key)
-            await asyncio.to_thread(self.ensure, key)
-            out = await super().get(key, prototype, byte_range)
-            if out is None:
-                raise StoreError(f"{self.remote.url}/{key}: vanished from the local cache twice while reading")
-        return out
-
-    async def get_partial_values(self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, object]]
-                                 ) -> list[Buffer | None]:
-        return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
-
-    async def exists(self, key: str) -> bool:
-        return key in self.files
-
-    async def list(self) -> AsyncIterator[str]:
-        for key in self.files:
-            yield key
-
-    async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
-        for key in self.files:
-            if key.startswith(prefix):
-                yield key
-
-    async def list_dir(self, prefix: str) -> AsyncIterator[str]:
-        prefix = prefix.rstrip("/") + "/" if prefix else ""
-        seen = set()
-        for key in self.files:
-            if key.startswith(prefix):
-                head = key[len(prefix):].split("/", 1)[0]
-                if head not in seen:
-                    seen.add(head)
-                    yield head
+    def _load(self, key: str) -> bytes:
+        """The mirrored file if it is the recorded one, else a fresh fetch written into the mirror. A file evicted
+        by another process meanwhile is simply fetched again."""
+        size, crc = self.files[key]
+        path = self.root / key
+        try:
+            local = path.read_bytes()
+            if len(local) == size and crc32c_hex(local) == crc:
+                return local
+        except FileNotFoundError:
+            pass
+        data = check_fetched(self.remote.get(key), size, crc, f"{self.remote.url}/{key}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        self.fetched_bytes += size
+        self.cache.added(size, self.root)
+        return data
 
 
 # ---- the store ---------------------------------------------------------------------------------------------
@@ -247,8 +190,9 @@ class RemoteStore(Store):
     def __repr__(self) -> str:
         return f"RemoteStore({self.url!r})"
 
-    def segment_files(self, segment: str) -> dict[str, tuple[int, str]]:
-        """{file: (size, crc32c)} of a committed segment, from its part's commit record."""
+    def segment_files(self, segment: str) -> FileRecord:
+        """{file: (size, crc32c)} of a committed segment, from its part's commit record, with every name checked
+        to be a safe relative path (the mirror writes files under these names)."""
         if self._records is None:
             records = {}
             for part in committed_part_files(self.layout.manifests):
@@ -261,14 +205,9 @@ class RemoteStore(Store):
         except KeyError:
             raise StoreError(f"segment {segment!r} is not committed in {self.url}") from None
 
-    def fetching_store(self, segment: str) -> FetchingStore:
-        files = self.segment_files(segment)
-        return FetchingStore(self.layout.segment(segment), files, self.root.child(f"segments/{segment}"), self.cache)
-
-    def _group(self, segment: str) -> zarr.Group:
-        if segment not in self._groups:
-            self._groups[segment] = zarr.open_group(store=self.fetching_store(segment), mode="r")
-        return self._groups[segment]
+    def _segment_store(self, segment: str, files: FileRecord) -> FetchingStore:
+        return FetchingStore(self.layout.segment(segment), files, self.root.child(f"segments/{segment}"), self.cache,
+                             self._checked, f"{self.url}/segments/{segment}")
 
     def summary(self) -> dict:
         return {**super().summary(), "path": self.url}
@@ -297,6 +236,7 @@ def sync_metadata(root: Root, mirror: Path) -> None:
     if raw is None:
         raise StoreError(f"{root.url} is not a probecache store (no store.json): pass <root>/<store_id> "
                          "(`probecache store ls ROOT` lists them)")
+    parse_header(raw, f"{root.url}/store.json")  # a damaged header never reaches the mirror
     mirror.mkdir(parents=True, exist_ok=True)
     manifests = mirror / "manifests"
     store_json = mirror / "store.json"
