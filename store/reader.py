@@ -43,14 +43,14 @@ def open_store(path_or_url: str | Path, cache_size: str | int | None = None) -> 
     """Open a store for reading: a folder ``<root>/<store_id>`` (or file:// URL), or an object-store URL
     ``s3://bucket/prefix/<store_id>`` (also gs://, memory://) read through a size-capped local mirror
     (``cache_size``, default $PROBECACHE_REMOTE_CACHE_SIZE or 20G; see remote_reader.py)."""
-    from .remote import is_remote, repair_url
+    from .remote import Location, parse_root
 
-    text = repair_url(path_or_url)
-    if is_remote(text):
+    parsed = parse_root(path_or_url)
+    if isinstance(parsed, Location):
         from .remote_reader import open_remote_store
 
-        return open_remote_store(text, cache_size)
-    return Store(Path(text.removeprefix("file://")).expanduser())
+        return open_remote_store(parsed.url, cache_size)
+    return Store(parsed)
 
 
 class Store:
@@ -292,13 +292,14 @@ def _rows_then_layers(array, lo: int, hi: int, layers: slice):
 def list_stores(root: str | Path) -> list[dict]:
     """Summaries of every store directly under ``root`` (folders holding a store.json), newest first.
     ``root`` may be an object-store URL (s3://bucket/prefix)."""
-    from .remote import is_remote, repair_url
+    from .remote import Location, parse_root
 
-    if is_remote(repair_url(root)):
+    parsed = parse_root(root)
+    if isinstance(parsed, Location):
         from .remote_reader import list_remote_stores
 
-        return list_remote_stores(repair_url(root))
-    root = Path(str(root).removeprefix("file://")).expanduser()
+        return list_remote_stores(parsed.url)
+    root = parsed
     if not root.is_dir():
         raise StoreError(f"store root {root} does not exist: pass --root or set PROBECACHE_ROOT")
     found = [_summary_or_damage(p) for p in sorted(root.iterdir()) if (p / "store.json").is_file()]
