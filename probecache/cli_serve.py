@@ -17,6 +17,7 @@ _RUNS = "Runs and model"
 _INPUT = "Input"
 _GEN = "Generation"
 _OUT = "Output"
+_LOAD = "Limits"
 
 RunOpt = Annotated[list[str], typer.Option(
     "--run", help="A run folder (printed as `run: ...` by train), or NAME=RUN to name it; repeat to score several "
@@ -32,6 +33,10 @@ RefuseOpt = Annotated[list[str], typer.Option(
     help="NAME (refuse when that binary probe predicts its positive class at its tuned threshold), NAME=0.3 (a "
          "threshold on P(positive)) or NAME=LABEL[,LABEL] (refuse on those labels); repeatable.",
     rich_help_panel=_GEN, show_default=False)]
+TruncateOpt = Annotated[bool, typer.Option(
+    "--truncate", help="Score a prompt longer than a probe reads (its store's --max-tokens) on the part it was "
+                       "trained to read, as the extractor cut it, instead of refusing it: a guardrail then sees only "
+                       "that part.", rich_help_panel=_INPUT)]
 RefusalOpt = Annotated[str | None, typer.Option(help="Text returned instead of a refused generation \\[default: "
                                                      "\"I can't help with that request.\"].", rich_help_panel=_GEN,
                                                 show_default=False)]
@@ -58,6 +63,8 @@ def parse_refuse_on(specs: list[str]) -> dict | None:
 
 def read_texts(file: str, text_col: str) -> list[str]:
     """Texts of a .jsonl (one object per line) or .csv file, from column ``text_col``."""
+    from probecache.serve.limits import too_deep
+
     path = Path(file).expanduser()
     if not path.is_file():
         raise ValueError(f"--file {file}: no such file")
@@ -65,6 +72,10 @@ def read_texts(file: str, text_col: str) -> list[str]:
         rows = []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if line.strip():
+                reason = too_deep(line)  # before json.loads, whose parser recurses
+                if reason:
+                    raise ValueError(f"--file {file}: line {n}: {reason} (a .jsonl file holds one flat object per "
+                                     f"line)")
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:
@@ -120,6 +131,7 @@ def register(app: typer.Typer) -> None:
                                                  rich_help_panel=_INPUT)] = None,
         text_col: Annotated[str, typer.Option(help="The text column of --file.", rich_help_panel=_INPUT)] = "text",
         batch_size: Annotated[int, typer.Option(help="Texts per forward pass.", rich_help_panel=_INPUT)] = 16,
+        truncate: TruncateOpt = False,
         as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line per text.",
                                               rich_help_panel=_OUT)] = False,
         device: DeviceOpt = "cpu",
@@ -129,13 +141,14 @@ def register(app: typer.Typer) -> None:
         """Score texts with trained probes, all inside one forward pass of the model they were trained on.
 
         Binary probes: P(positive class) and the label at the threshold tuned on validation. Multiclass: the label.
+        A text longer than a probe reads is refused unless --truncate.
         """
         try:
             if bool(text) == bool(file):
                 raise ValueError("pass --text (repeatable) or --file, not both and not neither")
             texts = list(text) if text else read_texts(file, text_col)
             probed = _load(run, device, dtype, model)
-            results = probed.classify(texts, batch_size=batch_size)
+            results = probed.classify(texts, batch_size=batch_size, truncate=truncate)
         except (*USER_ERRORS, ValueError) as e:
             fail(e)
         if as_json:
@@ -155,6 +168,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.", rich_help_panel=_GEN)] = 32,
         refuse_on: RefuseOpt = [],  # noqa: B006
         refusal: RefusalOpt = None,
+        truncate: TruncateOpt = False,
         as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line per prompt.",
                                               rich_help_panel=_OUT)] = False,
         device: DeviceOpt = "cpu",
@@ -163,7 +177,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Generate with the model and report the probes' scores from the generation's own prefill.
 
-        With --refuse-on, a prompt that a probe flags gets the refusal text, decided before the first token.
+        With --refuse-on, a prompt that a probe flags gets the refusal text, decided before the first token. A prompt
+        longer than a probe reads is refused unless --truncate.
         """
         from probecache.serve.policy import DEFAULT_REFUSAL
 
@@ -172,7 +187,7 @@ def register(app: typer.Typer) -> None:
                 raise ValueError("pass --text PROMPT (repeatable)")
             rules = parse_refuse_on(refuse_on)
             probed = _load(run, device, dtype, model)
-            results = probed.generate(text, max_new_tokens=max_new_tokens, refuse_on=rules,
+            results = probed.generate(text, max_new_tokens=max_new_tokens, refuse_on=rules, truncate=truncate,
                                       refusal=refusal if refusal is not None else DEFAULT_REFUSAL)
         except (*USER_ERRORS, ValueError) as e:
             fail(e)
@@ -198,6 +213,17 @@ def register(app: typer.Typer) -> None:
         refusal: RefusalOpt = None,
         max_new_tokens: Annotated[int, typer.Option(help="/generate's default when a request does not say.",
                                                     rich_help_panel=_GEN)] = 32,
+        truncate: Annotated[bool, typer.Option(
+            "--truncate", help="Let every request score a prompt longer than a probe reads on the part it was trained "
+                               "to read (without it: 413, and a request may opt in with \"truncate\": true only where "
+                               "no --refuse-on guards it).", rich_help_panel=_LOAD)] = False,
+        concurrency: Annotated[int, typer.Option(help="Requests in the model at once.", rich_help_panel=_LOAD)] = 1,
+        max_queue: Annotated[int, typer.Option(help="Requests that may wait for the model; more get 503 with "
+                                                    "Retry-After.", rich_help_panel=_LOAD)] = 16,
+        queue_timeout: Annotated[float, typer.Option(help="Seconds a request may wait for the model before it gets "
+                                                          "503.", rich_help_panel=_LOAD)] = 30.0,
+        max_chars: Annotated[int, typer.Option(help="Characters per text; longer ones get 413 before tokenising.",
+                                               rich_help_panel=_LOAD)] = 65_536,
         device: DeviceOpt = "cpu",
         dtype: DtypeOpt = None,
         model: ModelOpt = None,
@@ -205,6 +231,7 @@ def register(app: typer.Typer) -> None:
         """A small HTTP endpoint: POST /classify and /generate with JSON, GET /health.
 
         Bodies: {"texts": [...]}; /generate also max_new_tokens, refusal, refuse_on (adds to --refuse-on, never lifts).
+        Overload answers 503 with Retry-After; too-long prompts 413 (see --truncate).
         """
         from probecache.serve.http import make_server
         from probecache.serve.policy import DEFAULT_REFUSAL, parse_rules
@@ -214,7 +241,9 @@ def register(app: typer.Typer) -> None:
             probed = _load(run, device, dtype, model)
             parse_rules(rules, probed.runs)  # a bad --refuse-on fails now, not at the first request
             server = make_server(probed, host, port, refuse_on=rules, max_new_tokens=max_new_tokens,
-                                 refusal=refusal if refusal is not None else DEFAULT_REFUSAL)
+                                 refusal=refusal if refusal is not None else DEFAULT_REFUSAL, truncate=truncate,
+                                 concurrency=concurrency, queue=max_queue, queue_timeout=queue_timeout,
+                                 max_chars=max_chars)
         except (*USER_ERRORS, ValueError, OSError) as e:
             fail(e)
         typer.echo(f"serving {', '.join(probed.names)} on {server.url} (POST /classify, /generate; GET /health); "

@@ -6,7 +6,8 @@
     pm.generate(["..."], max_new_tokens=32, refuse_on={"toxicity": None})
 
 Modules: ``hooks`` (which module yields which hidden state), ``loading`` (run folders and the checks that let
-runs share a pass), ``probed`` (ProbedModel), ``policy`` (refusals), ``http`` (the JSON endpoint).
+runs share a pass), ``probed`` (ProbedModel), ``policy`` (refusals), ``http`` (the JSON endpoint: limits, queue,
+503s), ``limits`` (request bounds without torch), ``errors`` (ServeError, PromptTooLong).
 Names are imported lazily: ``import probecache.serve.hooks`` does not pull in transformers' generation code.
 """
 
@@ -19,6 +20,8 @@ _EXPORTS = {
     "load_run": "probecache.serve.loading",
     "DEFAULT_REFUSAL": "probecache.serve.policy",
     "make_server": "probecache.serve.http",
+    "ServeError": "probecache.serve.errors",
+    "PromptTooLong": "probecache.serve.errors",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -18,19 +18,26 @@ tokenisation (tokenizer and chat-template hashes, prompt format, truncation side
 when every run truncates on the right: causal attention makes the first N tokens' states independent of what
 follows, so each run reads only its own first ``max_tokens`` tokens of one common pass. With left truncation
 the kept tokens' states depend on where the cut is, so the runs must agree on it.
+
+Serving needs only the run folder. When the run's store is still where training found it (a local folder with the
+same store id), its label names are checked against the run's: a store.json whose label names were reordered
+(before training, caught by its manifests' recorded names, or after) would invert every served label.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from probecache.train.baselines import LogisticModel
-from probecache.train.probes import PROBES, Probe, load_probe
+from probecache.train.probes import PROBES, Probe, check_safetensors, load_probe
 from probecache.train.runs import read_json
 from probecache.train.trainer import probabilities
+
+from .errors import ServeError
 
 SERVABLE = (*PROBES, "linear", "muli")
 TOKENISATION_KEYS = ("prompt_format", "truncation_side", "tokenizer_sha256", "chat_template_sha256")
@@ -96,6 +103,8 @@ def load_run(path: str | Path, name: str | None = None, device: str | torch.devi
     if kind not in SERVABLE:
         raise ValueError(f"run {path.name} has probe {kind!r}; serving supports {', '.join(SERVABLE)}")
     store = config["store"]
+    check_safetensors(path / "probe.safetensors")  # a pickle, a torch.save zip or a torn file: one line, never loaded
+    check_store_labels(path.name, store)
     run = ServedRun(name=name or path.name, kind=kind, layers=[int(i) for i in config["layers"]],
                     label_names=list(store["label_names"]), threshold=config.get("threshold"), store=store,
                     path=path, config=config)
@@ -112,6 +121,33 @@ def load_run(path: str | Path, name: str | None = None, device: str | torch.devi
         if kind == "linear" and len(run.layers) != 1:
             raise ValueError(f"run {path.name}: a linear run reads one layer, config.json lists {run.layers}")
     return run
+
+
+def check_store_labels(run_name: str, store: dict) -> None:
+    """Refuse a run whose store, if still at its recorded local path, disagrees with it on the label names.
+
+    Reads store.json and the manifest parts directly rather than through ``open_store``: whatever else may be wrong
+    with the store is for ``store verify`` to report, serving does not need it."""
+    location = str(store.get("path") or "")
+    folder = Path(location)
+    if not location or "://" in location or not (folder / "store.json").is_file():
+        return  # moved, deleted or remote: serving does not need the store
+    from probecache.manifests.schema import read_parts
+    from probecache.train.runner import label_names_problem
+
+    try:
+        info = json.loads((folder / "store.json").read_text())
+        if info.get("store_id") != store.get("store_id"):
+            return  # another store now lives there
+        have = info["dataset"]["label_names"]
+        manifest = read_parts(folder / "manifests", columns=["label", "label_name"])
+    except Exception:  # noqa: BLE001 - a damaged store is not serving's business (store verify reports it)
+        return
+    problem = label_names_problem(store["label_names"], have, manifest, store.get("store_id"), run_name)
+    if problem:
+        message, whose = problem
+        raise ServeError(message if whose == "store" else f"{message}; the run's config.json no longer matches "
+                         f"the data it was trained on: retrain the run")
 
 
 def load_runs(runs, device: str | torch.device = "cpu") -> list[ServedRun]:

@@ -27,9 +27,14 @@ from the attention mask, so real tokens see the same positions and keys as alone
 not depend on its batch beyond float rounding of differently shaped matmuls (tests: fp32 within 1e-5).
 
 Tokenisation is the extractor's (``probecache.extract.plan.encode``): raw text with the tokenizer's special
-tokens, or the chat template with the generation prompt; truncation to the store's ``max_tokens`` on its side.
-``generate`` with right truncation feeds the whole prompt to the model and lets each probe read its first
-``max_tokens`` tokens; with left truncation the prompt is cut as in training (the kept states depend on the cut).
+tokens, or the chat template with the generation prompt.
+
+Prompts longer than a probe reads (its store's ``max_tokens``) are refused by default (``PromptTooLong``): a
+guardrail that scores only the first 512 tokens of a prompt is bypassed by putting 512 harmless tokens first.
+``truncate=True`` opts in to scoring the part the probe was trained to read, cut on the store's truncation side as
+the extractor cut: ``classify`` cuts the prompt; ``generate`` with right truncation feeds the whole prompt to the
+model and lets each probe read its first ``max_tokens`` tokens; with left truncation the prompt is cut as in
+training (the kept states depend on the cut). Every probe result says ``truncated``.
 
 Concurrency: one pass at a time per ProbedModel (a lock): the hooks read the pass state of the running call.
 """
@@ -57,6 +62,7 @@ from probecache.extract.models import (
 from probecache.extract.plan import encode
 from probecache.store.codecs import LOGICAL_DTYPES
 
+from .errors import PromptTooLong
 from .hooks import register_state_hooks, remove_hooks
 from .loading import ServedRun, Tokenisation, check_model_shapes, check_runs, check_source, load_runs
 from .policy import DEFAULT_REFUSAL, RefuseFirstToken, parse_rules, refused_by
@@ -170,6 +176,13 @@ class ProbedModel:
         return [run.name for run in self.runs]
 
     @property
+    def read_limit(self) -> int | None:
+        """The fewest tokens some served probe reads (the smallest store ``max_tokens``; None: no limit). A longer
+        prompt is refused unless ``truncate=True``."""
+        known = [run.max_tokens for run in self.runs if run.max_tokens is not None]
+        return min(known) if known else None
+
+    @property
     def pad_id(self) -> int:
         # any id works (masked everywhere); prefer the tokenizer's pad, then eos, as the extractor does
         for holder in (self.tokenizer, self.model.config):
@@ -208,6 +221,30 @@ class ProbedModel:
         if empty:
             raise ValueError(f"text {empty[0]} has no tokens: pass non-empty texts")
         return ids, lengths
+
+    def _check_lengths(self, lengths: Sequence[int], truncate: bool) -> None:
+        """Refuse a prompt of more tokens than some probe reads, unless the caller opted in to ``truncate``."""
+        if truncate or self.read_limit is None:
+            return
+        run = min((r for r in self.runs if r.max_tokens is not None), key=lambda r: r.max_tokens)
+        part = "first" if self.tokenisation.truncation_side == "right" else "last"
+        for i, n in enumerate(lengths):
+            if n > run.max_tokens:
+                raise PromptTooLong(
+                    f"text {i} has {n} tokens but probe {run.name} reads at most {run.max_tokens} (its store's "
+                    f"--max-tokens), so it would score only the {part} {run.max_tokens}: shorten the text, "
+                    f"re-extract with a larger --max-tokens and retrain, or opt in to scoring the {part} "
+                    f"{run.max_tokens} tokens (truncate=True; --truncate)", i, n, run.max_tokens)
+
+    def _cut(self, token_ids: Sequence[Sequence[int]], whole: bool) -> list[Sequence[int]]:
+        """Token ids cut as the extractor cuts (store side, the longest max_tokens any run reads); ``whole``: right
+        truncation keeps the whole prompt (generation: the model answers all of it, each probe masks its window)."""
+        t = self.tokenisation
+        if t.max_tokens is None or (whole and t.truncation_side == "right"):
+            return list(token_ids)
+        if t.truncation_side == "right":
+            return [ids[:t.max_tokens] for ids in token_ids]
+        return [ids[-t.max_tokens:] for ids in token_ids]
 
     # ---- one probed pass ------------------------------------------------------------------------------
 
@@ -263,8 +300,12 @@ class ProbedModel:
                 out[run.name] = run.baseline.predict_proba(p.features[k])  # numpy float64
         return out
 
-    def _results(self, scores: dict[str, np.ndarray], n: int) -> list[dict]:
-        return [{run.name: run.describe(scores[run.name][b]) for run in self.runs} for b in range(n)]
+    def _results(self, scores: dict[str, np.ndarray], lengths: Sequence[int]) -> list[dict]:
+        """Per prompt, per run: its result, and whether that run read only part of the prompt (``lengths``: the
+        prompts' untruncated token counts)."""
+        return [{run.name: run.describe(scores[run.name][b])
+                 | {"truncated": run.max_tokens is not None and n > run.max_tokens} for run in self.runs}
+                for b, n in enumerate(lengths)]
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -286,20 +327,27 @@ class ProbedModel:
 
     # ---- classification -------------------------------------------------------------------------------
 
-    def classify(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE) -> list[dict]:
-        """Per text, per run name: ``{"label", "score" (binary: P(label_names[1])), "scores", "threshold"}``."""
-        ids, _ = self.encode(texts)
-        return self._results(self.score_ids(ids, batch_size), len(ids))
+    def classify(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE, truncate: bool = False
+                 ) -> list[dict]:
+        """Per text, per run name: ``{"label", "score" (binary: P(label_names[1])), "scores", "threshold",
+        "truncated"}``. A text longer than a probe reads raises ``PromptTooLong`` unless ``truncate``: then each
+        probe scores the part it was trained to read (``truncated: true``)."""
+        ids, lengths = self.encode(texts)
+        self._check_lengths(lengths, truncate)
+        return self._results(self.score_ids(ids, batch_size, truncate=True), lengths)
 
     @torch.inference_mode()
-    def score_ids(self, token_ids: Sequence[Sequence[int]], batch_size: int = DEFAULT_BATCH_SIZE
-                  ) -> dict[str, np.ndarray]:
+    def score_ids(self, token_ids: Sequence[Sequence[int]], batch_size: int = DEFAULT_BATCH_SIZE,
+                  truncate: bool = False) -> dict[str, np.ndarray]:
         """Probe scores of tokenised prompts, in input order: run name -> (N,) or (N, C).
 
-        Batches of similar length (longest first), right-padded as in extraction; the base model runs without
-        its LM head (only muli needs logits, and only at one position per prompt)."""
+        A prompt longer than a probe reads raises ``PromptTooLong`` unless ``truncate`` (then cut as the extractor
+        cut). Batches of similar length (longest first), right-padded as in extraction; the base model runs
+        without its LM head (only muli needs logits, and only at one position per prompt)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self._check_lengths([len(ids) for ids in token_ids], truncate)
+        token_ids = self._cut(token_ids, whole=False)
         if not token_ids:
             return {run.name: np.zeros((0,) if run.binary else (0, len(run.label_names))) for run in self.runs}
         order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
@@ -318,25 +366,33 @@ class ProbedModel:
     # ---- generation -----------------------------------------------------------------------------------
 
     def generate(self, texts: Sequence[str], max_new_tokens: int = 32, refuse_on=None,
-                 refusal: str = DEFAULT_REFUSAL, **generate_kwargs) -> list[dict]:
+                 refusal: str = DEFAULT_REFUSAL, truncate: bool = False, **generate_kwargs) -> list[dict]:
         """Generate a continuation of each prompt (one batch, left-padded) and score the probes on its prefill.
 
         ``refuse_on``: probes that guard generation (``serve/policy.py``: a name, names, or {name: None | threshold
         | label(s)}); a flagged prompt gets ``refusal`` instead of generated text, decided before its first token.
-        Other keyword arguments go to the model's ``generate`` (greedy by default).
+        Other keyword arguments go to the model's ``generate`` (greedy by default). A prompt longer than a probe
+        reads raises ``PromptTooLong`` before the model runs, unless ``truncate``.
 
         Returns per text ``{"text", "refused", "refused_by", "probes": {run name: result}, "prompt_tokens",
-        "new_tokens", "truncated"}``; ``truncated``: the probes read only the first max_tokens of a longer prompt
-        (or, with left truncation, the prompt itself was cut as in training)."""
+        "new_tokens", "truncated"}``; ``truncated`` (possible only with ``truncate``): some probe read only the
+        first max_tokens of a longer prompt (or, with left truncation, the prompt itself was cut as in training)."""
         ids, lengths = self.encode(texts, whole=True)
-        out = self.generate_ids(ids, max_new_tokens, refuse_on, refusal, **generate_kwargs)
-        for row, n in zip(out, lengths, strict=True):
-            row["truncated"] = self.tokenisation.max_tokens is not None and n > self.tokenisation.max_tokens
-        return out
+        self._check_lengths(lengths, truncate)
+        return self._generate(ids, lengths, max_new_tokens, refuse_on, refusal, True, generate_kwargs)
 
     def generate_ids(self, token_ids: Sequence[Sequence[int]], max_new_tokens: int = 32, refuse_on=None,
-                     refusal: str = DEFAULT_REFUSAL, decode: bool = True, **generate_kwargs) -> list[dict]:
+                     refusal: str = DEFAULT_REFUSAL, decode: bool = True, truncate: bool = False,
+                     **generate_kwargs) -> list[dict]:
         """``generate`` on tokenised prompts; ``decode=False`` leaves ``"text"`` out and returns ``"token_ids"``."""
+        lengths = [len(ids) for ids in token_ids]
+        self._check_lengths(lengths, truncate)
+        return self._generate(self._cut(token_ids, whole=True), lengths, max_new_tokens, refuse_on, refusal, decode,
+                              generate_kwargs)
+
+    def _generate(self, token_ids: Sequence[Sequence[int]], lengths: Sequence[int], max_new_tokens: int, refuse_on,
+                  refusal: str, decode: bool, generate_kwargs: dict) -> list[dict]:
+        """Generation on prompts already checked and cut; ``lengths``: their untruncated token counts."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1 (the probes score the prefill of the first token), "
                              f"got {max_new_tokens}")
@@ -353,7 +409,7 @@ class ProbedModel:
 
         def decide() -> torch.Tensor:  # at the first logits-processor call: the prefill is complete
             scores = self._finish(p)
-            results = self._results(scores, len(token_ids))
+            results = self._results(scores, lengths)
             decided["results"] = results
             decided["refused_by"] = [refused_by(rules, r) for r in results]
             return torch.tensor([bool(r) for r in decided["refused_by"]], dtype=torch.bool)
@@ -384,7 +440,8 @@ class ProbedModel:
             if flagged:
                 kept = []
             row = {"refused": bool(flagged), "refused_by": flagged, "probes": results,
-                   "prompt_tokens": len(token_ids[b]), "new_tokens": len(kept)}
+                   "prompt_tokens": len(token_ids[b]), "new_tokens": len(kept),
+                   "truncated": any(r["truncated"] for r in results.values())}
             if decode:
                 row["text"] = refusal if flagged else self.tokenizer.decode(kept, skip_special_tokens=True)
             else:

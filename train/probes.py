@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -65,6 +65,7 @@ FORMAT_VERSION = "1"
 _CONFIG_KEY = "probecache.probe_config"
 _RMS_EPS = 1e-6
 _FORMAT_KEY = "probecache.probe_format"
+MAX_HEADER_BYTES = 1 << 24  # a probe's safetensors header (tensor names, offsets, config) is a few KB
 
 
 @dataclass(frozen=True)
@@ -289,7 +290,46 @@ def save_probe(probe: Probe, config: ProbeConfig, path: str | Path) -> None:
     save_file(tensors, str(path), metadata=metadata)
 
 
+def check_safetensors(path: str | Path) -> None:
+    """Refuse, in one line that names what the file is, anything but a plausible safetensors file, before a parser
+    sees it. A safetensors file starts with its JSON header's length (8 bytes, little-endian u64) and the header
+    itself ('{'); a pickle (torch.save's legacy format) starts with 0x80, a torch.save zip with 'PK'. Nothing here
+    (or anywhere in probecache) unpickles: a pickle can run code when loaded."""
+    path = Path(path)
+    fix = "retrain the run, or restore its probe.safetensors from a copy"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({e.strerror or e}): {fix}") from None
+    if size == 0:
+        raise ValueError(f"{path} is empty, not a safetensors file: {fix}")
+    if head.startswith(b"PK\x03\x04"):
+        raise ValueError(f"{path} is a zip archive (a torch.save checkpoint?), not a safetensors file; probecache "
+                         f"never loads those: {fix}")
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        raise ValueError(f"{path} is a Python pickle, not a safetensors file; probecache never loads pickles (they "
+                         f"can run code): {fix}")
+    if size < 9:
+        raise ValueError(f"{path} is not a safetensors file (it has only {size} bytes): {fix}")
+    n = int.from_bytes(head[:8], "little")
+    if n > MAX_HEADER_BYTES or 8 + n > size or head[8:9] != b"{":
+        raise ValueError(f"{path} is not a safetensors file (its first 8 bytes announce a {n}-byte header in a "
+                         f"{size}-byte file): {fix}")
+
+
 def load_probe(path: str | Path, device: str | torch.device = "cpu") -> tuple[Probe, ProbeConfig]:
+    """A saved probe and its config; a file that is not one is a one-line ValueError."""
+    check_safetensors(path)
+    try:
+        return _load_probe(path, device)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): retrain the run, or restore its "
+                         f"probe.safetensors from a copy") from None
+
+
+def _load_probe(path: str | Path, device: str | torch.device) -> tuple[Probe, ProbeConfig]:
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         metadata = f.metadata() or {}
         if _CONFIG_KEY not in metadata:
@@ -299,12 +339,19 @@ def load_probe(path: str | Path, device: str | torch.device = "cpu") -> tuple[Pr
                              f"{FORMAT_VERSION!r}: upgrade probecache")
         try:
             config = ProbeConfig(**json.loads(metadata[_CONFIG_KEY]))
-        except TypeError as e:
+        except (TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: probe config does not match this version of probecache ({e})") from e
+        if config.name not in PROBES:
+            raise ValueError(f"{path}: unknown probe {config.name!r} (this version has {', '.join(PROBES)})")
         # clone: fresh, aligned memory (a tensor inside the file may be unaligned, and kernels chosen for it can
         # sum in another order: scores would differ from the trained probe's in the last bits)
         tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
     with torch.device("meta"):  # no throw-away random init (283M parameters for mha/4 at d = 3072)
         probe = build_probe(config)
-    probe.load_state_dict(tensors, strict=True, assign=True)
+    try:
+        probe.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:  # torch lists every missing or misshapen tensor over several lines
+        first = str(e).strip().splitlines()
+        raise ValueError(f"{path}: its tensors do not fit its probe config ({first[-1].strip() if first else e}): "
+                         f"retrain the run") from None
     return probe, config

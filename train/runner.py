@@ -32,7 +32,7 @@ from . import baselines
 from .data import Splits, SplitSpec, batch_source, resolve_splits, split_counts, split_examples
 from .loaders import load_pooled
 from .metrics import metric_for
-from .probes import PROBES, load_probe, save_probe
+from .probes import PROBES, check_safetensors, load_probe, save_probe
 from .runs import (
     check_compatible,
     new_run_dir,
@@ -243,6 +243,38 @@ def _flat(validation: dict, test: dict | None) -> dict:
 
 # ---- evaluation of a saved run --------------------------------------------------------------------------
 
+def check_label_names(names: list[str], store: Store, run_id: str) -> None:
+    """A run's label names must be the store's, position for position (labels are stored and predicted as indices,
+    so another order, e.g. a swapped pair, inverts every label), and the store's store.json must agree with the
+    label names its manifests recorded at extraction (an edited store.json is caught there)."""
+    problem = label_names_problem(names, store.label_names, store.manifest(columns=["label", "label_name"]),
+                                  store.store_id, run_id)
+    if problem:
+        message, whose = problem
+        raise ValueError(message if whose == "store" else
+                         f"{message}; evaluate on a store of the same task with the same label names")
+
+
+def label_names_problem(names: list[str], have: list[str], manifest: pa.Table, store_id: str, run_id: str
+                        ) -> tuple[str, str] | None:
+    """Why run ``run_id`` (trained on ``names``) and a store (store.json's ``have``, ``manifest``'s label and
+    label_name columns) disagree on what each label index means, and whose fault it is ("store": its store.json
+    contradicts its own manifests, the message names the fix; "run": the run's names differ from a sound store's);
+    None when they agree."""
+    have = list(have)
+    pairs = manifest.group_by(["label", "label_name"]).aggregate([])
+    for label, name in zip(pairs["label"].to_pylist(), pairs["label_name"].to_pylist(), strict=True):
+        recorded = have[label] if 0 <= label < len(have) else None
+        if recorded != name:
+            return (f"store {store_id}: store.json names label {label} {recorded!r} but its manifests recorded "
+                    f"{name!r} at extraction: store.json was edited; restore it or re-extract the store (a run "
+                    f"trained on it since has its labels wrong too)", "store")
+    if list(names) != have:
+        return (f"run {run_id} was trained on labels {list(names)} but store {store_id} has {have}: labels are "
+                f"matched by position, so every label would be read as another", "run")
+    return None
+
+
 def evaluate_run(run_dir: str | Path, store: Store, split: str = "test", device: str = "cpu",
                  batch_size: int | None = None) -> dict:
     """The saved model of a run on one split of ``store`` (the same or another store of the same model), at the
@@ -256,9 +288,8 @@ def evaluate_run(run_dir: str | Path, store: Store, split: str = "test", device:
                          f"pass the folder printed as `run: ...` by probecache train")
     config = read_json(run_dir / "config.json")
     check_compatible(config, store)
-    if len(config["store"]["label_names"]) != len(store.label_names):
-        raise ValueError(f"run {config['run_id']} predicts {len(config['store']['label_names'])} classes but store "
-                         f"{store.store_id} has {len(store.label_names)}: evaluate on a store of the same task")
+    check_label_names(config["store"]["label_names"], store, config["run_id"])
+    check_safetensors(run_dir / "probe.safetensors")
     counts = split_counts(store)
     if split not in counts:
         raise ValueError(f"store {store.store_id} has no committed {split!r} examples (it has: "

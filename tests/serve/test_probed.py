@@ -132,18 +132,20 @@ def test_generation_scores_come_from_its_own_single_prefill(probed32, sentiment_
 
 
 def test_long_prompts_read_only_the_first_max_tokens(probed32, runs32, sentiment_texts, monkeypatch):
-    """Right truncation: classify cuts the prompt like the extractor; generate feeds the whole prompt, and each
-    probe reads its first max_tokens tokens, whose states (causal attention) are those of the cut prompt."""
+    """Right truncation, opted in to (truncate=True): classify cuts the prompt like the extractor; generate feeds
+    the whole prompt, and each probe reads its first max_tokens tokens, whose states (causal attention) are those of
+    the cut prompt. (Without truncate=True such prompts are refused: tests/serve/test_limits.py.)"""
     text = " ".join(all_texts(sentiment_texts)[:8])  # ~170 tokens
     monkeypatch.setattr(probed32, "tokenisation", probed32.tokenisation.__class__("raw", "right", 40))
     for run in probed32.runs:
         monkeypatch.setitem(run.store, "max_tokens", 40)
     ids, lengths = probed32.encode([text])
     assert len(ids[0]) == 40 and lengths[0] > 100
-    classified = probed32.classify([text])[0]
-    generated = probed32.generate([text], max_new_tokens=1)[0]
+    classified = probed32.classify([text], truncate=True)[0]
+    generated = probed32.generate([text], max_new_tokens=1, truncate=True)[0]
     assert generated["truncated"] and generated["prompt_tokens"] == lengths[0]
     for name in probed32.names:
+        assert classified[name]["truncated"] and generated["probes"][name]["truncated"]
         assert generated["probes"][name]["score"] == pytest.approx(classified[name]["score"], abs=FP32_ATOL)
 
 
