@@ -14,6 +14,7 @@ import torch
 from probecache.extract.capture import pad_batch
 from probecache.extract.plan import batches, make_plan
 from probecache.extract.run import extract
+from probecache.store.errors import StoreError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from probecache import open_store
@@ -333,5 +334,13 @@ def test_resuming_against_a_different_plan_or_config_is_refused_naming_the_diffe
     info = json.loads(store.layout.store_json.read_text())
     info["identity"]["max_tokens"] = 64  # a header that does not describe this extraction
     store.layout.store_json.write_text(json.dumps(info))
+    with pytest.raises(StoreError, match=r"store.json is damaged"):  # a hand edit breaks the header's seal
+        extract(config)
+    # another extraction's sound header copied under this store's name: the identity comparison names the difference
+    from probecache.store.header import seal_header
+    from probecache.store.layout import store_id_for
+
+    info["store_id"] = store_id_for(info["identity"], info["dataset"]["name"])
+    store.layout.store_json.write_bytes(seal_header(info))
     with pytest.raises(ExtractError, match=r"differs in: max_tokens"):
         extract(config)
