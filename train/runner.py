@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from probecache.store.header import label_name_mismatch
 from probecache.store.reader import Store
 
 from . import baselines
@@ -262,13 +263,13 @@ def label_names_problem(names: list[str], have: list[str], manifest: pa.Table, s
     contradicts its own manifests, the message names the fix; "run": the run's names differ from a sound store's);
     None when they agree."""
     have = list(have)
-    pairs = manifest.group_by(["label", "label_name"]).aggregate([])
-    for label, name in zip(pairs["label"].to_pylist(), pairs["label_name"].to_pylist(), strict=True):
+    wrong = label_name_mismatch(have, manifest["label"].to_pylist(), manifest["label_name"].to_pylist())
+    if wrong:
+        label, name = wrong
         recorded = have[label] if 0 <= label < len(have) else None
-        if recorded != name:
-            return (f"store {store_id}: store.json names label {label} {recorded!r} but its manifests recorded "
-                    f"{name!r} at extraction: store.json was edited; restore it or re-extract the store (a run "
-                    f"trained on it since has its labels wrong too)", "store")
+        return (f"store {store_id}: store.json names label {label} {recorded!r} but its manifests recorded "
+                f"{name!r} at extraction: store.json was edited; restore it or re-extract the store (a run "
+                f"trained on it since has its labels wrong too)", "store")
     if list(names) != have:
         return (f"run {run_id} was trained on labels {list(names)} but store {store_id} has {have}: labels are "
                 f"matched by position, so every label would be read as another", "run")
