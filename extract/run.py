@@ -9,26 +9,32 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from probecache.store.layout import new_attempt_id
-from probecache.store.remote import is_remote, writable_root
+from probecache.store.lease import LeaseKeeper
+from probecache.store.remote import LocalRoot, is_remote, writable_root
+from probecache.store.repair import set_aside_broken_parts
 from tqdm.auto import tqdm
 
 from .config import ExtractConfig
-from .errors import Interrupted
+from .errors import ExtractError, Interrupted
 from .launchers import LaunchConfig, run_dask, submit_slurm, task_shards
 from .models import load_model, resolve_dtype
 from .prepare import PreparedStore, freeze_plan, log, prepare
 from .remote import RemoteSync
 from .shard import ExtractionJob, RunTotals, run_shard
 from .writer import BackgroundWriter
+
+MAX_TRIES_PER_SHARD = 3  # attempts of one shard in one run whose segment may be lost before the run gives up
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,8 @@ def extract(config: ExtractConfig, launch: LaunchConfig | None = None) -> Extrac
     if remote is not None:
         remote.pull_header()
     info = prep.stored_info()
+    if info and not launch.dry_run:
+        _set_aside_broken_parts(prep, remote)  # a part whose segment is gone is no commit: extract it again
     committed = remote.committed() if remote is not None else prep.layout.committed_shards()
     if info and len(committed) == info["plan"]["n_shards"]:
         log(config, f"already extracted: {url or prep.layout.path} ({info['plan']['n_examples']} examples); "
@@ -91,6 +99,8 @@ def extract(config: ExtractConfig, launch: LaunchConfig | None = None) -> Extrac
         loop_seconds = run_shards(job, mine)
     finally:
         job.writer.close()
+        if job.leases is not None:
+            job.leases.close()
         if job.encode_pool is not None:
             job.encode_pool.shutdown()
         if remote is not None:
@@ -101,6 +111,16 @@ def extract(config: ExtractConfig, launch: LaunchConfig | None = None) -> Extrac
     if remote is not None:
         log(config, remote.summary())
     return result
+
+
+def _set_aside_broken_parts(prep: PreparedStore, remote: RemoteSync | None) -> None:
+    """Repair by rerun: every committed part whose segment is missing or incomplete (recorded files absent or of
+    another size; a deleted manifest folder needs nothing, its shards are simply not committed) is renamed to a
+    reserved name readers ignore, so this run extracts its shard again (store/repair.py)."""
+    moved = remote.set_aside_broken_parts() if remote is not None else set_aside_broken_parts(prep.layout)
+    for item in moved:
+        print(f"warning: {item.where}: {item.reason}; moved the commit record aside to {item.moved_to} and "
+              f"extracting shard {item.shard_id} again", file=sys.stderr)
 
 
 def _remote_sync(prep: PreparedStore) -> RemoteSync | None:
@@ -114,13 +134,16 @@ def open_job(prep: PreparedStore, remote: RemoteSync | None = None) -> Extractio
     one made here for a URL root: dask workers, each uploading its own commits)."""
     model, _ = load_model(prep.source, resolve_dtype(prep.config.dtype, prep.device), prep.device)
     mc = prep.model_config
+    # leases live beside the segments they protect: in the store, or in the staging copy of a URL root (whose
+    # uploads hold their own leases on the remote store, extract/remote.py)
+    leases = LeaseKeeper(LocalRoot(prep.layout.path))
     return ExtractionJob(
         config=prep.config, layout=prep.layout, store_id=prep.store_id, dataset_name=prep.dataset.name,
         label_names=list(prep.dataset.label_names), plan_by_shard=prep.by_shard(), model=model,
         pad_id=pad_token_id(prep.tokenizer), logical_dtype=prep.dtype_name, n_layers=mc.num_hidden_layers + 1,
         hidden_size=mc.hidden_size, vocab_size=mc.vocab_size, writer=BackgroundWriter(),
         remote=remote if remote is not None else _remote_sync(prep),
-        encode_pool=_encode_pool(prep.config.encode_threads, str(prep.device)),
+        encode_pool=_encode_pool(prep.config.encode_threads, str(prep.device)), leases=leases,
     )
 
 
@@ -162,22 +185,53 @@ def run_shards(job: ExtractionJob, shard_ids: list[int]) -> float:
                                 f"compression {ratio}", refresh=False)
             bar.update(len(batch))
 
-        for shard_id in shard_ids:
-            segment = job.layout.segment_name(shard_id, new_attempt_id())
-            try:
-                run_shard(job, shard_id, on_batch=on_batch, should_stop=stop.is_set, segment=segment)
-            except Interrupted:
-                job.writer.drain()
-                if job.remote is not None:
-                    job.remote.wait()  # what was committed also reaches the remote store
-                raise
-            except BaseException as error:
-                _write_failure_log(job, segment, error)
-                raise
-        job.writer.drain()
+        tries: Counter = Counter()
+        todo = list(shard_ids)
+        while todo:
+            for shard_id in todo:
+                tries[shard_id] += 1
+                segment = job.layout.segment_name(shard_id, new_attempt_id())
+                try:
+                    run_shard(job, shard_id, on_batch=on_batch, should_stop=stop.is_set, segment=segment)
+                except Interrupted:
+                    job.writer.drain()
+                    _release_leases(job)
+                    if job.remote is not None:
+                        job.remote.wait()  # what was committed also reaches the remote store
+                    raise
+                except BaseException as error:
+                    _write_failure_log(job, segment, error)
+                    _release_leases(job, drain=True)  # nothing of this attempt will be committed
+                    raise
+            job.writer.drain()
+            # attempts whose segment was deleted or damaged underneath them committed nothing: write them again
+            lost = job.take_lost()
+            for shard_id, why in lost:
+                if tries[shard_id] >= MAX_TRIES_PER_SHARD:
+                    raise ExtractError(f"shard {shard_id}: its segment was deleted or changed while it was being "
+                                       f"written, {tries[shard_id]} times ({why}): stop whatever removes files "
+                                       f"under {job.layout.segments} (a `probecache store gc` older than leases, a "
+                                       "cleanup job) and rerun the same command")
+                print(f"warning: shard {shard_id}: its segment was deleted or changed while it was being written "
+                      f"({why}); nothing was committed, extracting the shard again", file=sys.stderr)
+            todo = sorted({shard_id for shard_id, _ in lost})
+            if todo:
+                bar.total += sum(len(job.plan_by_shard[s]) for s in todo)
         if job.remote is not None:
             job.remote.wait()  # every commit uploaded, or the upload error raised
     return time.perf_counter() - started
+
+
+def _release_leases(job: ExtractionJob, drain: bool = False) -> None:
+    """Drop the leases of this run's attempts: after the writer has finished what it was given (a queued commit
+    of an earlier shard must not run unleased), or right away when the writer already failed."""
+    if drain:
+        try:
+            job.writer.drain()
+        except BaseException:  # noqa: BLE001 - the error being raised already says what went wrong
+            pass
+    if job.leases is not None:
+        job.leases.release_all()
 
 
 @contextmanager

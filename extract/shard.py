@@ -1,8 +1,11 @@
 """``run_shard``: all the work of one shard, idempotent. Launchers differ only in how they call it.
 
-skip if committed -> fresh attempt segment -> forward batches (writes go to the background writer)
--> close segment -> manifest part create-if-absent (the commit). A killed attempt, or one that loses a
-commit race, leaves an orphan segment that readers never see.
+skip if committed -> lease on the attempt (store/lease.py: gc keeps away) -> fresh attempt segment ->
+forward batches (writes go to the background writer) -> close segment -> check that every file written is
+still there with its size -> manifest part create-if-absent (the commit) -> drop the lease. A killed attempt,
+or one that loses a commit race, leaves an orphan segment that readers never see. An attempt whose segment was
+deleted or damaged underneath it (a gc that ignored the lease, a person) commits nothing: the shard is
+recorded in ``job.lost`` and `run_shards` extracts it again in a fresh attempt.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from probecache.store.codecs import bf16_bits_to_float32, round_mantissa, to_sto
 from probecache.store.commit import create_if_absent
 from probecache.store.faults import crash_point
 from probecache.store.layout import StoreLayout, new_attempt_id
+from probecache.store.lease import LeaseKeeper
 from probecache.store.segment import SegmentShape, SegmentWriter
 
 from .capture import CapturedBatch, capture
@@ -78,6 +82,13 @@ class ExtractionJob:
     forward_seconds: float = 0.0  # time inside the model's forward (the bare cost of extraction)
     remote: RemoteSync | None = None  # --root URL: uploads each commit, skips shards the remote has
     encode_pool: Executor | None = None  # --encode-threads: compresses inner chunks in parallel
+    leases: LeaseKeeper | None = None  # leases/<segment>.json of the attempts in flight (gc keeps away)
+    lost: list[tuple[int, str]] = field(default_factory=list)  # (shard, why): segments damaged before commit
+
+    def take_lost(self) -> list[tuple[int, str]]:
+        """The shards whose attempt found its segment damaged and committed nothing (cleared)."""
+        lost, self.lost[:] = list(self.lost), []
+        return lost
 
 
 @dataclass
@@ -92,8 +103,20 @@ class _ShardState:
     rows: list[dict] = field(default_factory=list)
     padded_tokens: int = 0
     writer: SegmentWriter | None = None
+    lost: str | None = None  # why this attempt's segment cannot be committed (it was damaged underneath us)
 
     def add_batch(self, batch: list[PlannedExample], captured: CapturedBatch) -> None:
+        if self.lost is not None:
+            return  # the segment is gone: the shard is written again in a fresh attempt
+        try:
+            self._add_batch(batch, captured)
+        except OSError:
+            # a write into a folder deleted meanwhile fails; a full disk must still fail the run
+            if self.writer is None or (damage := self.writer.damage()) is None:
+                raise
+            self.lost = damage
+
+    def _add_batch(self, batch: list[PlannedExample], captured: CapturedBatch) -> None:
         job = self.job
         if self.writer is None:
             self.writer = SegmentWriter(job.layout.segment(self.segment), SegmentShape(
@@ -136,7 +159,16 @@ class _ShardState:
 
     def commit(self) -> None:
         job = self.job
-        bytes_stored = self.writer.close()
+        if self.lost is None:
+            try:
+                bytes_stored = self.writer.close()
+            except OSError:
+                if (damage := self.writer.damage()) is None:
+                    raise
+                self.lost = damage
+        if self.lost is not None:
+            self._give_up()
+            return
         crash_point("segment-closed")
         shape = self.writer.shape
         stats = {
@@ -153,14 +185,33 @@ class _ShardState:
         summary = {k: v for k, v in stats.items() if k != "files"}
         (job.layout.stats / f"{self.segment}.json").write_text(json.dumps(summary, indent=1))
         crash_point("stats-written")
+        # the check that makes the commit safe: every file written is still there with its size. The heartbeat
+        # first, so that a gc which renamed the segment away just now sees the lease fresh and puts it back
+        # (store/gc.py); one stat per file, no bytes read (verify checks crc32c)
+        if job.leases is not None:
+            job.leases.refresh(self.segment)
+        self.lost = self.writer.damage()
+        if self.lost is not None:
+            (job.layout.stats / f"{self.segment}.json").unlink(missing_ok=True)
+            self._give_up()
+            return
         rows = sorted(self.rows, key=lambda r: r["row"])
         committed = create_if_absent(job.layout.part(self.shard_id), part_bytes(rows, stats, job.config.store_text))
+        if job.leases is not None:
+            job.leases.release(self.segment)  # committed, or an orphan of a lost race: gc's age gate decides
         if committed:
             job.totals.add(stats)
             if job.remote is not None:
                 job.remote.shard_committed(self.shard_id)  # upload segment then part, in the background
             crash_point("shard-committed")
         # else: another attempt committed this shard first; ours is an orphan for `gc`
+
+    def _give_up(self) -> None:
+        """Commit nothing: the segment was damaged underneath this attempt. run_shards writes the shard again."""
+        job = self.job
+        if job.leases is not None:
+            job.leases.release(self.segment)
+        job.lost.append((self.shard_id, self.lost))
 
 
 def run_shard(job: ExtractionJob, shard_id: int, on_batch=None, should_stop=None, segment: str | None = None) -> bool:
@@ -173,6 +224,8 @@ def run_shard(job: ExtractionJob, shard_id: int, on_batch=None, should_stop=None
         return False
     examples = job.plan_by_shard[shard_id]
     segment = segment or job.layout.segment_name(shard_id, new_attempt_id())
+    if job.leases is not None:
+        job.leases.hold(segment)  # before the segment's first byte: gc never sees it unleased while we write
     state = _ShardState(job, shard_id, segment, examples)
     for batch in batches(examples, job.config.batch_tokens, job.config.max_batch_size):
         crash_point("forward")

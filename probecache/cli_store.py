@@ -186,15 +186,17 @@ def store_verify(
 def store_gc(
     store: Annotated[str, typer.Argument(help=_STORE_HELP)],
     older_than: Annotated[
-        str, typer.Option("--older-than", help="Only remove debris idle this long: 0, 30s, 15m, 6h, 2d. Keep it "
-                          "above the longest time a running shard can go without writing.")
+        str, typer.Option("--older-than", help="Only remove debris idle this long: 0, 30s, 15m, 6h, 2d. Segments "
+                          "that a running extraction or upload holds a lease on are kept whatever this says.")
     ] = "6h",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be removed; delete nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ) -> None:
-    """Remove orphan segments (killed or losing attempts), their stats and commit temp files.
+    """Remove orphan segments (killed or losing attempts), their stats, stale leases and temp files.
 
-    Never touches a segment a manifest part references; the age gate protects attempts still running.
+    Never touches a segment a manifest part references or a running attempt holds a lease on, a name it did
+    not create, or anything behind a symbolic link; deletes nothing (exit 2) in a store that does not verify
+    structurally (rerun the extract command to repair it first).
     """
     from probecache.store.gc import format_gc, gc_store
 
@@ -208,6 +210,11 @@ def store_gc(
             report = gc_store(store, _age(older_than, "--older-than"), dry_run=dry_run)
     except USER_ERRORS as e:
         fail(e)
+    except OSError as e:  # a permission or I/O error mid-way: what was removed so far was removable
+        from probecache.store.errors import StoreError
+
+        fail(StoreError(f"gc of {store} stopped: {e.strerror or e} ({e.filename}): fix the permissions and run it "
+                        "again"))
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=1))
         return

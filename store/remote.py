@@ -24,13 +24,12 @@ import hashlib
 import os
 import re
 import threading
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from .commit import create_if_absent, write_synced
+from .commit import TEMP_PREFIX, create_if_absent, temp_path, write_synced
 from .errors import StoreError
 
 REMOTE_SCHEMES = ("s3", "gs", "memory")
@@ -488,7 +487,7 @@ class LocalRoot(Root):
         """Whole file or nothing: temp file, fsync, rename (a reader never sees a partial file)."""
         target = self._file(rel)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex}"
+        tmp = temp_path(target)
         try:
             write_synced(tmp, data)
             os.replace(tmp, target)
@@ -505,7 +504,7 @@ class LocalRoot(Root):
         for directory, folders, files in os.walk(base):
             folders[:] = [f for f in folders if not f.startswith(".")]  # temp and half-deleted folders
             for name in files:
-                if name.startswith(".tmp-"):
+                if name.startswith((TEMP_PREFIX, ".tmp-")):  # in-flight writes (and older temp names)
                     continue
                 path = Path(directory) / name
                 st = path.stat()

@@ -6,9 +6,14 @@ store's (plan hash, every part against itself and the plan, duplicates across pa
 reading them, and every recorded file is downloaded and its crc32c compared with the commit record (on
 ``workers`` threads; nothing is kept). Array shapes are read from the segments' zarr.json files.
 
-gc: orphan segments (no part references them: a commit race lost, an upload interrupted) whose newest object
-is older than the age gate are deleted object by object, after the shard's part is read again; the
-protection against deleting a live upload is the same age gate as local gc (uploads write continuously).
+gc: refuses, deleting nothing, a store whose store.json is not this store id's or that does not verify
+structurally (``verify_remote(checksums=False)``: the checks above from the one LIST, no downloads). Then
+orphan segments (no part references them: a commit race lost, an upload interrupted) are deleted object by
+object when no fresh lease holds them (``leases/<segment>.json``, written by every upload before its first
+object and refreshed while it runs: store/lease.py) and their newest object is older than the age gate; right
+before the deletion the shard's part and the lease are read again. An upload checks its objects once more
+before it commits (store/transfer.py), so even a lease that expired under a suspended uploader cannot make it
+commit a segment gc deleted.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ import pyarrow.parquet as pq
 from probecache.manifests.schema import PART_NAME, part_stats
 
 from .errors import StoreError
-from .gc import GcReport, Removal
+from .gc import GcReport, Removal, check_gc_header, refuse_unverified
 from .integrity import crc32c_hex
+from .lease import LEASES, lease_key, lease_state
 from .remote import ObjectRoot, clean_key, parse_url
 from .remote_reader import FetchingStore, cache_limit, mirror_dir, segment_cache, sync_metadata
+from .repair import BROKEN_NAME, record_damage
 from .status import open_layout, parse_segment, part_files
 from .transfer import read_stats
+from .verified import CheckedFiles
 from .verify import VerifyReport, _check_plan, _check_shapes, _some, note_example_ids, read_part_record
 
 
@@ -47,18 +55,29 @@ def _segments_listing(root: ObjectRoot) -> dict[str, dict[str, tuple[int, float]
     return out
 
 
-def verify_remote(url: str, workers: int = 8) -> VerifyReport:
-    """Check a store on object storage; StoreError only when ``url`` is not a store."""
-    location, root, layout, info = _open(url)
+def verify_remote(url: str, workers: int = 8, checksums: bool = True) -> VerifyReport:
+    """Check a store on object storage; StoreError only when ``url`` is not a store. ``checksums=False``: no
+    downloads and no array metadata reads, only the records against one LIST (what gc needs)."""
+    return _verify(*_open(url), workers=workers, checksums=checksums)
+
+
+def _verify(location, root: ObjectRoot, layout, info: dict, workers: int = 8, checksums: bool = True,
+            objects: dict[str, dict[str, tuple[int, float]]] | None = None) -> VerifyReport:
     report = VerifyReport(location.url, shards_total=int(info["plan"]["n_shards"]))
     problem, note = report.problems.append, report.notes.append
     plan = _check_plan(layout, info, problem)
     _, listed = root.list_dir("manifests")
-    strays = sorted(n for n in listed if not PART_NAME.match(n))
+    broken = sorted(n for n in listed if BROKEN_NAME.fullmatch(n))
+    strays = sorted(n for n in listed if not PART_NAME.match(n) and n not in broken)
     if strays:
         note(f"manifests/ holds objects that are not parts (ignored by readers): {_some(strays)}")
-    objects = _segments_listing(root)
+    if broken:
+        note(f"{len(broken)} commit records were set aside by extract because their segment was missing or "
+             f"incomplete ({_some(broken)}); their shards were extracted again; readers ignore them")
+    objects = _segments_listing(root) if objects is None else objects
+    repairable: list[int] = []
     cache = segment_cache(cache_limit())
+    checked = CheckedFiles()  # the reader's cache of checked files (store/verified.py), here for shapes only
     first_seen: dict[str, str] = {}
     duplicates: list[str] = []
     referenced: set[str] = set()
@@ -78,6 +97,9 @@ def verify_remote(url: str, workers: int = 8) -> VerifyReport:
         if not named_ok:
             continue
         present = objects.get(segment)
+        if record_damage(shard, stats, (lambda rel, p=present: p[rel][0] if rel in p else None)
+                         if present else None) is not None:
+            repairable.append(shard)
         if not present:
             problem(f"{where}: its segment segments/{segment} is missing")
             continue
@@ -90,12 +112,14 @@ def verify_remote(url: str, workers: int = 8) -> VerifyReport:
                 problem(f"{label}: recorded file is missing")
             elif present[rel][0] != size:
                 problem(f"{label}: {present[rel][0]} bytes, {size} recorded (truncated or rewritten)")
-            else:
+            elif checksums:
                 downloads.append((segment, rel, size, crc))
         for rel in sorted(set(present) - set(files)):
             problem(f"segments/{segment}/{rel}: file is not in the commit record of {where}")
-        fetching = FetchingStore(layout.segment(segment), files, root.child(f"segments/{segment}"), cache)
-        _check_shapes(fetching, info, where, len(ids), sum(table["n_tokens"].to_pylist()), problem)
+        if checksums:
+            fetching = FetchingStore(layout.segment(segment), files, root.child(f"segments/{segment}"), cache,
+                                     checked, f"{location.url}/segments/{segment}")
+            _check_shapes(fetching, info, where, len(ids), sum(table["n_tokens"].to_pylist()), problem)
     if duplicates:
         problem(f"{len(duplicates)} example ids are committed twice: {_some(duplicates)}")
 
@@ -127,7 +151,11 @@ def verify_remote(url: str, workers: int = 8) -> VerifyReport:
     orphans = sorted(s for s in objects if s not in referenced and parse_segment(s) is not None)
     if orphans:
         note(f"{len(orphans)} orphan segments no part references ({_some(orphans)}); readers never see them, "
-             "`probecache store gc` removes old ones")
+             "`probecache store gc` removes old ones that no running upload holds")
+    if repairable:
+        note(f"{len(repairable)} committed shards ({_some([str(s) for s in repairable])}) point at a missing or "
+             "incomplete segment: rerun the extract command with this --root: it moves those records aside to "
+             "manifests/.probecache-broken-part-* and extracts the shards again")
     return report
 
 
@@ -147,8 +175,13 @@ def _recorded_files(stats: dict, where: str, problem) -> dict[str, tuple[int, st
 
 
 def gc_remote(url: str, older_than_seconds: float, dry_run: bool = False, now: float | None = None) -> GcReport:
-    """Delete orphan segments (and their stats objects) idle longer than ``older_than_seconds``."""
-    location, root, layout, _ = _open(url)
+    """Delete orphan segments (and their stats and stale leases) that no live lease holds and that are idle
+    longer than ``older_than_seconds``; StoreError, deleting nothing, on a store that does not verify."""
+    location, root, layout, info = _open(url)
+    check_gc_header(info, location.name, location.url)
+    objects = _segments_listing(root)
+    refuse_unverified(_verify(location, root, layout, info, checksums=False, objects=objects).problems,
+                      location.url)
     now = time.time() if now is None else now
     report = GcReport(location.url, dry_run, older_than_seconds)
     referenced = set()
@@ -159,22 +192,53 @@ def gc_remote(url: str, older_than_seconds: float, dry_run: bool = False, now: f
         except Exception as e:  # pyarrow raises several types for a damaged file
             raise StoreError(f"{location.url}/manifests/{part.name} cannot be read ({type(e).__name__}): gc will "
                              "not delete anything while a commit record is unreadable") from e
-    for segment, files in sorted(_segments_listing(root).items()):
+    leases = root.list_dir(LEASES)[1]
+
+    def lease_of(segment: str, fresh_listing: bool = False):
+        name = f"{segment}.json"
+        listed = root.list_dir(LEASES)[1] if fresh_listing else leases
+        if name not in listed:
+            return None
+        data = root.get(lease_key(segment))
+        return None if data is None else lease_state(data, listed[name].mtime, now)
+
+    for segment, files in sorted(objects.items()):
         attempt = parse_segment(segment)
         if attempt is None or segment in referenced:
-            continue
+            continue  # not a name the writer makes (never ours to delete), or committed
         age = now - max(attempt.started, max(m for _, m in files.values()))
         item = Removal("segment", f"segments/{segment}", sum(s for s, _ in files.values()), round(age, 1))
+        lease = lease_of(segment)
+        if lease is not None and lease.fresh:
+            item.reason = f"lease: {lease.why}"
+            report.kept.append(item)
+            continue
         if age < older_than_seconds:
+            item.reason = "too young"
             report.kept.append(item)
             continue
         if not dry_run:
             part = root.get(f"manifests/part-{attempt.shard_id:05d}.parquet")  # committed since we listed?
             if part is not None and read_stats(part).get("segment") == segment:
                 continue
+            lease = lease_of(segment, fresh_listing=True)  # an upload (re)started since we listed?
+            if lease is not None and lease.fresh:
+                continue
             for rel in files:
                 root.delete(f"segments/{segment}/{rel}")
             root.delete(f"stats/{segment}.json")
+            root.delete(lease_key(segment))
         report.removed.append(item)
+    # leases whose segment is gone (an upload killed before its first object, or after gc took the segment)
+    for name, meta in sorted(leases.items()):
+        segment = name.removesuffix(".json")
+        if not name.endswith(".json") or parse_segment(segment) is None or segment in objects:
+            continue
+        lease = lease_of(segment)
+        age = now - meta.mtime
+        if (lease is not None and lease.fresh) or age < older_than_seconds:
+            continue
+        report.removed.append(Removal("lease", lease_key(segment), meta.size, round(age, 1)))
+        if not dry_run:
+            root.delete(lease_key(segment))
     return report
-

@@ -13,6 +13,9 @@ encoding each shard itself (see shard_encoding.py) and storing it through zarr's
 
 from __future__ import annotations
 
+import itertools
+import math
+import os
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -87,6 +90,8 @@ class SegmentWriter:
         self._logits = None if s.vocab_size is None else np.empty((s.n_examples, s.vocab_size), dtype=dtype)
         self._rows = 0
         self.files: dict[str, tuple[int, str]] = {}  # relative path -> (size, crc32c), filled by close()
+        # every file this writer has written so far: what must still be there when it commits (see damage())
+        self._written: set[str] = {"zarr.json", "hidden/zarr.json"}
 
     def stored_bytes(self, array: str = "hidden") -> int:
         """Bytes on disk of one array's files so far, from the writer's own record (no directory walk)."""
@@ -133,6 +138,7 @@ class SegmentWriter:
         key = "hidden/" + self._hidden.metadata.encode_chunk_key((0, shard, 0))
         sync(self._group.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
         self.files[key] = (len(data), crc32c_hex(data))
+        self._written.add(key)
         crash_point("zarr-shard-written")
         self._flushed, self._buffered = self._flushed + self._buffered, 0
 
@@ -150,10 +156,36 @@ class SegmentWriter:
         if self._logits is not None:
             per_example["logits"] = self._logits
         for name, data in per_example.items():
-            self._group.create_array(
-                name, data=data, chunks=(min(64, max(len(data), 1)), *data.shape[1:]),
-                compressors=activation_codec(),
+            chunks = (min(64, max(len(data), 1)), *data.shape[1:])
+            array = self._group.create_array(
+                name, data=data, chunks=chunks, compressors=activation_codec(),
                 attributes={"logical_dtype": "float32" if name == "mean" else s.logical_dtype},
+                # every chunk is written, all-zero ones too: the set of files is then known in advance, and a
+                # chunk missing at commit time is damage, never "zarr skipped it"
+                config={"write_empty_chunks": True},
             )
+            grid = [range(math.ceil(n / c)) for n, c in zip(data.shape, chunks, strict=True)]
+            self._written |= {f"{name}/zarr.json"} | {f"{name}/" + array.metadata.encode_chunk_key(coords)
+                                                       for coords in itertools.product(*grid)}
         self.files = segment_files(self.path, known=self.files)
         return sum(size for size, _ in self.files.values())
+
+    def damage(self) -> str | None:
+        """What is wrong with the segment on disk now, or None: every file this writer wrote must still be there
+        with the size it had (after ``close()``, the size recorded in ``files``). Cheap: one stat per file.
+        A segment deleted or truncated underneath the writer (a gc, a person, a failing disk) is never
+        committed: the caller writes the shard again in a fresh attempt."""
+        missing, resized = [], []
+        for rel in sorted(self._written | self.files.keys()):
+            try:
+                st = os.lstat(self.path / rel)
+            except (FileNotFoundError, NotADirectoryError):
+                missing.append(rel)
+                continue
+            if rel in self.files and st.st_size != self.files[rel][0]:
+                resized.append(rel)
+        if not missing and not resized:
+            return None
+        what = [f"{len(missing)} files missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+                if missing else "", f"{len(resized)} files changed size ({', '.join(resized[:3])})" if resized else ""]
+        return f"segments/{self.path.name}: " + "; ".join(w for w in what if w)

@@ -2,9 +2,11 @@
 
 Every shard is in exactly one state:
     committed      its manifest part exists (the only state readers see)
-    in_progress    no part; its newest attempt wrote something within ``stale_after`` (a worker is on it)
+    in_progress    no part; its newest attempt holds a fresh lease (store/lease.py), or has none and wrote
+                   something within ``stale_after`` (a worker is on it)
     failed         no part; its newest attempt left ``logs/<segment>.failed`` (the worker caught an error)
-    stale          no part; its newest attempt went quiet without a failure log (killed: OOM, preemption)
+    stale          no part; its newest attempt's lease is stale (its holder is gone), or it has none and went
+                   quiet without a failure log (killed: OOM, preemption)
     never_started  no attempt of it exists
 
 The helpers at the top (opening a store folder, parsing segment names, listing parts and attempts) are
@@ -25,13 +27,20 @@ from probecache.manifests.schema import PART_NAME, committed_part_files, part_st
 
 from .errors import StoreError
 from .layout import StoreLayout
+from .lease import local_lease
 
 DEFAULT_STALE_AFTER = 6 * 3600.0
 FAILED_SUFFIX = ".failed"
 TAIL_LINES = 10
 
-# shard-00042-20250101T120000-0123abcd; the shard number is zero-padded to 5 digits but may grow beyond
-_SEGMENT = re.compile(r"^shard-(\d+)-(\d{8}T\d{6})-([0-9a-f]{8})$")
+# shard-00042-20250101T120000-0123abcd, exactly what the writer names an attempt (layout.segment_name): the
+# shard number is zero-padded to 5 digits but may grow beyond. Matched whole (fullmatch: `$` would accept a
+# trailing newline), so gc and verify never take a user's folder for one of ours.
+_SEGMENT = re.compile(r"shard-(\d{5,})-(\d{8}T\d{6})-([0-9a-f]{8})")
+
+
+DELETING = ".probecache-deleting-"  # segments/<this><segment>: a segment gc renamed away before removing it
+LEGACY_DELETING = ".deleting-"  # older versions; recognised only before an exact segment name
 
 
 # ---- shared helpers ---------------------------------------------------------------------------------
@@ -64,10 +73,13 @@ class Attempt:
 
 def parse_segment(name: str) -> Attempt | None:
     """The attempt a segment name encodes, or None for a name that is not a segment of ours."""
-    m = _SEGMENT.match(name)
+    m = _SEGMENT.fullmatch(name) if isinstance(name, str) else None
     if m is None:
         return None
-    started = calendar.timegm(time.strptime(m.group(2), "%Y%m%dT%H%M%S"))
+    try:
+        started = calendar.timegm(time.strptime(m.group(2), "%Y%m%dT%H%M%S"))
+    except ValueError:  # 20251399T... has the shape but is no time the writer wrote
+        return None
     return Attempt(name, int(m.group(1)), float(started))
 
 
@@ -77,24 +89,41 @@ def part_files(layout: StoreLayout) -> dict[int, Path]:
 
 
 def segment_attempts(layout: StoreLayout) -> dict[str, Attempt]:
-    """Every segment folder (hidden names such as ``.deleting-*`` excluded) that parses as an attempt."""
-    if not layout.segments.is_dir():
+    """Every real segment folder (hidden names such as ``.probecache-deleting-*`` and symbolic links excluded:
+    the writer never makes a link, and gc must never follow one) that parses as an attempt."""
+    if not layout.segments.is_dir() or layout.segments.is_symlink():
         return {}
     out = {}
     for entry in os.scandir(layout.segments):
         attempt = parse_segment(entry.name)
-        if attempt is not None and entry.is_dir():
+        if attempt is not None and entry.is_dir(follow_symlinks=False):
             out[entry.name] = attempt
     return out
 
 
+def deleting_target(name: str) -> str | None:
+    """The segment a half-deleted folder held, for names gc itself made (new or older prefix + exact pattern)."""
+    for prefix in (DELETING, LEGACY_DELETING):
+        if name.startswith(prefix) and parse_segment(name[len(prefix):]) is not None:
+            return name[len(prefix):]
+    return None
+
+
+def segment_links(layout: StoreLayout) -> list[str]:
+    """Names in segments/ that are symbolic links (skipped by gc, reported by verify)."""
+    if not layout.segments.is_dir() or layout.segments.is_symlink():
+        return []
+    return sorted(e.name for e in os.scandir(layout.segments) if e.is_symlink())
+
+
 def newest_mtime(path: Path) -> float:
-    """The latest mtime of a folder, its subfolders and files: when its writer last did anything."""
+    """The latest mtime of a folder, its subfolders and files: when its writer last did anything (links are
+    not followed: their own mtime counts)."""
     newest = 0.0
     for directory, _, files in os.walk(path):
         for name in [None, *files]:
             try:
-                st = os.stat(directory if name is None else os.path.join(directory, name))
+                st = os.lstat(directory if name is None else os.path.join(directory, name))
             except FileNotFoundError:  # deleted while we walk (gc, or a writer replacing a file)
                 continue
             newest = max(newest, st.st_mtime)
@@ -165,10 +194,14 @@ def store_status(path: str | Path, stale_after: float = DEFAULT_STALE_AFTER, now
         newest, last_write = _newest_attempt(layout, attempts[shard], failed)
         entry = {"shard_id": shard, "segment": newest.name, "started": _iso(newest.started),
                  "idle_seconds": round(now - last_write, 1)}
+        # the attempt's lease (store/lease.py) knows better than mtimes: held by a live writer, or by a dead one
+        lease = local_lease(layout.path, newest.name, now)
         if newest.name in failed:
             log = failed[newest.name]
             shards["failed"].append({**entry, "log": str(log), "tail": tail(log)})
-        elif now - last_write < stale_after:
+        elif lease is not None and lease.fresh:
+            shards["in_progress"].append(entry)
+        elif lease is None and now - last_write < stale_after:
             shards["in_progress"].append(entry)
         else:
             shards["stale"].append(entry)

@@ -3,9 +3,12 @@
 The copy follows the commit protocol, so the destination is a valid store at every moment:
 
     plan.parquet, store.json        create-if-absent; an existing one must hold the same plan / identity
-    per committed shard, in order:  the segment's files (each checked against the size and crc32c its
-                                    commit recorded before it is written), its stats file, and last the
-                                    manifest part, create-if-absent
+    per committed shard, in order:  a lease on the segment at the destination (store/lease.py: `gc` keeps
+                                    away from it), the segment's files (each checked against the size and
+                                    crc32c its commit recorded before it is written), one more LIST to check
+                                    every file is there with its size (files a gc or a person removed
+                                    meanwhile are sent again), its stats file, last the manifest part,
+                                    create-if-absent; then the lease is dropped
     nothing else                    orphan segments, logs and temp files stay behind
 
 Resumable: a shard whose part the destination already has is skipped, and so is a file already there with
@@ -31,10 +34,12 @@ from probecache.manifests.schema import PART_NAME
 
 from .errors import StoreError
 from .integrity import crc32c_hex, plan_digest
+from .lease import LeaseKeeper
 from .remote import LocalRoot, Root, check_store_name, clean_key, open_root
 from .status import parse_segment
 
 TRANSFER_THREADS = 4  # files in flight per shard: enough to fill a link, bounded memory (whole files)
+COPY_ROUNDS = 3  # sends of one shard's missing files before the copy gives up (files deleted under it)
 
 
 class DamagedSource(StoreError):
@@ -162,11 +167,13 @@ def _plan_digest(data: bytes) -> str | None:
 
 
 def copy_shard(src: Root, dst: Root, shard_id: int, report: TransferReport, part: bytes | None = None,
-               verify_existing: bool | None = None, pool: ThreadPoolExecutor | None = None) -> bool:
-    """Copy one committed shard: segment files, stats, then the part (create-if-absent).
+               verify_existing: bool | None = None, pool: ThreadPoolExecutor | None = None,
+               leases: LeaseKeeper | None = None) -> bool:
+    """Copy one committed shard: lease, segment files, check, stats, then the part (create-if-absent).
 
     Returns True when this call committed the part at ``dst`` (False: it was committed by someone else
-    first, and what we uploaded is an orphan segment for `gc`)."""
+    first, and what we uploaded is an orphan segment for `gc`). ``leases`` holds the destination's leases
+    (one keeper, one heartbeat thread, for a whole copy); without it this call makes its own."""
     name = part_name(shard_id)
     part = part if part is not None else src.get(f"manifests/{name}")
     if part is None:
@@ -175,35 +182,57 @@ def copy_shard(src: Root, dst: Root, shard_id: int, report: TransferReport, part
     seg = f"segments/{record.segment}"
     if verify_existing is None:
         verify_existing = isinstance(dst, LocalRoot)  # a local crc32c is cheap; a remote one is a download
-    present = dst.list(seg)
+    keeper = leases if leases is not None else LeaseKeeper(dst)
+    keeper.hold(record.segment)  # before the first object: gc never sees this segment unleased while we copy
+    try:
+        present = dst.list(seg)
 
-    def one(item: tuple[str, tuple[int, str]]) -> tuple[bool, int]:
-        rel, (size, crc) = item
-        where = f"{seg}/{rel}"
-        have = present.get(rel)
-        if have is not None and have.size == size:
-            if not verify_existing:
-                return False, 0
-            existing = dst.get(where)
-            if existing is not None and len(existing) == size and crc32c_hex(existing) == crc:
-                return False, 0
-        data = check_fetched(src.get(where), size, crc, f"{src.url}/{where}")
-        dst.put(where, data)
-        return True, size
+        def one(item: tuple[str, tuple[int, str]]) -> tuple[bool, int]:
+            rel, (size, crc) = item
+            where = f"{seg}/{rel}"
+            have = present.get(rel)
+            if have is not None and have.size == size:
+                if not verify_existing:
+                    return False, 0
+                existing = dst.get(where)
+                if existing is not None and len(existing) == size and crc32c_hex(existing) == crc:
+                    return False, 0
+            data = check_fetched(src.get(where), size, crc, f"{src.url}/{where}")
+            dst.put(where, data)
+            return True, size
 
-    items = sorted(record.files.items())
-    results = pool.map(one, items) if pool is not None else map(one, items)
-    for copied, size in results:
-        if copied:
-            report.files_copied += 1
-            report.bytes_copied += size
+        items = sorted(record.files.items())
+        for _ in range(COPY_ROUNDS):
+            results = pool.map(one, items) if pool is not None else map(one, items)
+            for copied, size in results:
+                if copied:
+                    report.files_copied += 1
+                    report.bytes_copied += size
+                else:
+                    report.files_present += 1
+            # the check before the commit: every recorded file at the destination with its size. A file removed
+            # meanwhile (a gc that ignored or outlived our lease, a person) is sent again, never committed missing
+            keeper.refresh(record.segment)
+            present = dst.list(seg)
+            items = [(rel, entry) for rel, entry in sorted(record.files.items())
+                     if rel not in present or present[rel].size != entry[0]]
+            if not items:
+                break
+            verify_existing = False  # what is present now was just checked against the record
         else:
-            report.files_present += 1
-    stats_key = f"stats/{record.segment}.json"
-    stats = src.get(stats_key)  # informational (`store status`); never trusted for correctness
-    if stats is not None:
-        dst.put(stats_key, stats)
-    committed = dst.put_if_absent(f"manifests/{name}", part)
+            raise StoreError(f"{dst.url}/{seg}: {len(items)} files vanished again after being copied "
+                             f"{COPY_ROUNDS} times ({items[0][0]}, ...): stop whatever deletes objects under "
+                             f"{dst.url}/segments (a `probecache store gc` older than leases, a lifecycle rule) "
+                             "and rerun")
+        stats_key = f"stats/{record.segment}.json"
+        stats = src.get(stats_key)  # informational (`store status`); never trusted for correctness
+        if stats is not None:
+            dst.put(stats_key, stats)
+        committed = dst.put_if_absent(f"manifests/{name}", part)
+    finally:
+        keeper.release(record.segment)
+        if leases is None:
+            keeper.close()
     (report.shards_copied if committed else report.shards_lost).append(shard_id)
     return committed
 
@@ -217,14 +246,19 @@ def copy_store(src: Root, dst: Root, verify_existing: bool | None = None,
     info = copy_header(src, dst)
     report = TransferReport(src.url, dst.url, info["store_id"], shards_total=int(info["plan"]["n_shards"]))
     have = committed_parts(dst)
-    with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
-        for shard_id in sorted(committed_parts(src)):
-            if shard_id in have:
-                report.shards_present += 1
-                continue
-            committed = copy_shard(src, dst, shard_id, report, verify_existing=verify_existing, pool=pool)
-            if on_shard is not None:
-                on_shard(shard_id, committed)
+    leases = LeaseKeeper(dst)
+    try:
+        with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
+            for shard_id in sorted(committed_parts(src)):
+                if shard_id in have:
+                    report.shards_present += 1
+                    continue
+                committed = copy_shard(src, dst, shard_id, report, verify_existing=verify_existing, pool=pool,
+                                       leases=leases)
+                if on_shard is not None:
+                    on_shard(shard_id, committed)
+    finally:
+        leases.close()
     return report
 
 

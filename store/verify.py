@@ -6,8 +6,13 @@ trusting anything else in the segment folder. On top of the bytes, the part's ro
 segment's arrays exactly (shapes, offsets tiling the token axis, rows 0..N-1) and the plan's examples for
 that shard (ids and token counts), and plan.parquet must still hash to what store.json recorded.
 
-Leftovers of the commit protocol (``.tmp-*`` files of a killed commit, orphan segments of killed or losing
-attempts, ``.deleting-*`` folders of an interrupted gc) are expected and reported as notes, not problems.
+Leftovers of the commit protocol (``.probecache-tmp-*`` files of a killed write, orphan segments of killed or
+losing attempts, stale leases, ``.probecache-deleting-*`` folders of an interrupted gc, commit records a
+repairing extract set aside) are expected and reported as notes, not problems. A missing manifests/ folder is a
+problem: every commit record is gone, and the segments would all look like orphans to gc.
+
+``checksums=False`` is the structural check `store gc` runs before deleting anything: everything above except
+reading the recorded bytes (a recorded file must still exist with its recorded size).
 """
 
 from __future__ import annotations
@@ -48,11 +53,13 @@ class VerifyReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def verify_store(path: str | Path, workers: int = 8) -> VerifyReport:
-    """Check a store; StoreError only when ``path`` is not a store. Checksums run on ``workers`` threads."""
+def verify_store(path: str | Path, workers: int = 8, checksums: bool = True) -> VerifyReport:
+    """Check a store; StoreError only when ``path`` is not a store. Checksums run on ``workers`` threads;
+    ``checksums=False`` checks recorded files by size only (no bytes read: what gc needs, see above)."""
     layout, info = open_layout(path)
     report = VerifyReport(str(layout.path), shards_total=int(info["plan"]["n_shards"]))
     plan = _check_plan(layout, info, report.problems.append)
+    _check_manifests_folder(layout, report.problems.append)
     parts = part_files(layout)
     _check_part_names(layout, parts, report.notes.append)
     first_seen: dict[str, str] = {}  # example id -> the part that holds it first
@@ -72,9 +79,10 @@ def verify_store(path: str | Path, workers: int = 8) -> VerifyReport:
     if duplicates:
         report.problems.append(f"{len(duplicates)} example ids are committed twice: {_some(duplicates)}")
 
-    # the expensive part: every recorded byte, read back and checksummed
+    # the expensive part: every recorded byte, read back and checksummed (or, structurally, every size)
+    check = _check_file if checksums else _check_size
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for problem, size in pool.map(lambda job: _check_file(*job), file_checks):
+        for problem, size in pool.map(lambda job: check(*job), file_checks):
             report.files_checked += 1
             report.bytes_checked += size
             if problem:
@@ -88,7 +96,32 @@ def verify_store(path: str | Path, workers: int = 8) -> VerifyReport:
         report.notes.append(f"incomplete: {len(set(parts) & set(range(n_shards)))} of {n_shards} shards committed "
                             "(not an error; rerun the extract command to finish)")
     _leftovers(layout, referenced, report.notes.append)
+    _name_the_repair(layout, parts, report.notes.append)
     return report
+
+
+def _check_manifests_folder(layout: StoreLayout, problem: Callable[[str], None]) -> None:
+    """manifests/ exists from the moment store.json does (extract creates it first). Without it, while attempts
+    exist, the commit records are gone: readers see an empty store and every segment looks like an orphan."""
+    if layout.manifests.is_dir():
+        return
+    stats = len(list(layout.stats.glob("shard-*.json"))) if layout.stats.is_dir() else 0
+    segments = len(segment_attempts(layout))
+    if segments or stats:
+        problem(f"manifests/ is missing while segments/ holds {segments} segments and stats/ {stats} files: the "
+                "commit records are gone and readers see no examples; restore manifests/ from a copy of the store, "
+                "or rerun the extract command to extract every shard again (gc deletes nothing until then)")
+
+
+def _name_the_repair(layout: StoreLayout, parts: dict[int, Path], note: Callable[[str], None]) -> None:
+    """The fix for commit records whose segment is missing or incomplete: extract sets them aside and redoes them."""
+    from .repair import part_damage
+
+    broken = [shard for shard, part in sorted(parts.items()) if part_damage(layout, shard, part) is not None]
+    if broken:
+        note(f"{len(broken)} committed shards ({_some([str(s) for s in broken])}) have a missing, incomplete or "
+             "damaged commit record or segment: rerun the extract command: it moves those records aside to "
+             "manifests/.probecache-broken-part-* and extracts the shards again")
 
 
 def _check_part_names(layout: StoreLayout, parts: dict[int, Path], note: Callable[[str], None]) -> None:
@@ -261,6 +294,17 @@ def _queue_files(layout: StoreLayout, segment: str, files: dict, where: str, pro
                 problem(f"segments/{segment}/{rel}: file is not in the commit record of {where}")
 
 
+def _check_size(root: Path, rel: str, label: str, size: int, crc: str) -> tuple[str | None, int]:
+    """(problem or None, 0): the structural check of one recorded file (present, recorded size; no bytes read)."""
+    try:
+        actual_size = (root / rel).stat().st_size
+    except (FileNotFoundError, NotADirectoryError):
+        return f"{label}: recorded file is missing", 0
+    if actual_size != size:
+        return f"{label}: {actual_size} bytes, {size} recorded (truncated or rewritten)", 0
+    return None, 0
+
+
 def _check_file(root: Path, rel: str, label: str, size: int, crc: str) -> tuple[str | None, int]:
     """(problem or None, bytes read) for one recorded file."""
     path = root / rel
@@ -304,17 +348,38 @@ def _check_shapes(folder, info: dict, where: str, n: int, total: int, problem: C
 
 def _leftovers(layout: StoreLayout, referenced: set[str], note: Callable[[str], None]) -> None:
     """Expected debris of the commit protocol: reported so `gc` can be run, never an error."""
-    temps = [p for folder in (layout.path, layout.manifests) if folder.is_dir() for p in folder.glob(".tmp-*")]
+    from .commit import TEMP_NAME
+    from .lease import LEASES
+    from .repair import BROKEN_NAME
+    from .status import deleting_target, segment_links
+
+    leases = layout.path / LEASES
+    temps = sorted(p.name for folder in (layout.path, layout.manifests, leases) if folder.is_dir()
+                   for p in folder.iterdir() if TEMP_NAME.fullmatch(p.name))
     if temps:
-        note(f"{len(temps)} temp files of interrupted commits ({_some(sorted(p.name for p in temps))}); "
-             "`probecache store gc` removes them")
+        note(f"{len(temps)} temp files of interrupted writes ({_some(temps)}); `probecache store gc` removes them")
     orphans = sorted(set(segment_attempts(layout)) - referenced)
     if orphans:
         note(f"{len(orphans)} orphan segments no part references ({_some(orphans)}); readers never see them, "
-             "`probecache store gc` removes old ones")
-    deleting = sorted(p.name for p in layout.segments.glob(".deleting-*")) if layout.segments.is_dir() else []
+             "`probecache store gc` removes old ones that no running attempt holds")
+    deleting = sorted(p.name for p in layout.segments.iterdir() if deleting_target(p.name)) \
+        if layout.segments.is_dir() else []
     if deleting:
         note(f"{len(deleting)} segments half-deleted by an interrupted gc ({_some(deleting)}); gc finishes them")
+    links = segment_links(layout)
+    if links:
+        note(f"segments/ holds symbolic links ({_some(links)}): readers follow a link a part references, gc never "
+             "follows or removes one")
+    broken = sorted(p.name for p in layout.manifests.iterdir() if BROKEN_NAME.fullmatch(p.name)) \
+        if layout.manifests.is_dir() else []
+    if broken:
+        note(f"{len(broken)} commit records were set aside by extract because their segment was missing or "
+             f"incomplete ({_some(broken)}); their shards were extracted again; readers ignore them and "
+             "`probecache store gc` removes them once old")
+    held = sorted(p.name.removesuffix(".json") for p in leases.glob("shard-*.json")) if leases.is_dir() else []
+    if held:
+        note(f"{len(held)} segment leases ({_some(held)}): attempts running now, or killed ones whose lease gc "
+             "removes once stale")
     if layout.manifests.is_dir():
         foreign = sorted(p.name for p in layout.manifests.iterdir()
                          if not p.name.startswith(".") and not (p.name.startswith("part-") and p.suffix == ".parquet"))

@@ -66,6 +66,15 @@ def test_verify_names_remote_damage_and_gc_removes_orphans(pushed, tiny_remote_s
     assert f"segments/{seg[3]}/hidden/c/0/9/0: file is not in the commit record" in out
     assert "1 orphan segments" in out and out.strip().splitlines()[-1].startswith("FAILED: 3 problems")
 
+    # gc deletes nothing in a store that does not verify structurally (a recorded file missing, one unrecorded);
+    # the flipped bit needs the full verify (gc reads no bytes) and does not stop it
+    refused = runner.invoke(app, ["store", "gc", pushed, "--older-than", "0"])
+    assert refused.exit_code == 2 and "does not verify" in refused.stderr, refused.output
+    assert root.get(f"segments/{orphan}/zarr.json") is not None
+    source = tiny_remote_source.path / "segments" / seg[1] / "mean" / "c" / "0" / "0" / "0"
+    root.put(f"segments/{seg[1]}/mean/c/0/0/0", source.read_bytes())
+    root.delete(f"segments/{seg[3]}/hidden/c/0/9/0")
+
     # the age of a remote orphan is that of its newest object: just uploaded, it may be a live upload
     assert "kept 1 unreferenced" in ok("store", "gc", pushed)  # default age gate: 6h
     gc = ok("store", "gc", pushed, "--older-than", "0")

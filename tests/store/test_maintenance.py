@@ -48,13 +48,18 @@ def _segment(store: Path, shard: int) -> Path:
 
 
 def _rewrite_part(part: Path, transform=None, **stats_changes) -> None:
-    """Rewrite a part's rows and/or commit stats, keeping the rest of its Parquet metadata."""
+    """Rewrite a part's rows and/or commit stats, keeping the rest of its Parquet metadata, and seal it again
+    (its content digest recomputed): a record that is wrong yet self-consistent, as a buggy writer would leave
+    it, so the checks behind the digest are what the test exercises."""
+    from probecache.manifests.schema import DIGEST_KEY, STATS_KEY, content_digest
+
     table = pq.read_table(part)
     meta = dict(table.schema.metadata)
-    stats = json.loads(meta[b"probecache.shard_stats"])
-    meta[b"probecache.shard_stats"] = json.dumps({**stats, **stats_changes}).encode()
+    stats = json.loads(meta[STATS_KEY])
+    meta[STATS_KEY] = json.dumps({**stats, **stats_changes}).encode()
     if transform is not None:
         table = transform(table)
+    meta[DIGEST_KEY] = content_digest(table.replace_schema_metadata(None), meta[STATS_KEY]).encode()
     pq.write_table(table.replace_schema_metadata(meta), part)
 
 
@@ -192,7 +197,7 @@ def test_plan_digest_is_the_same_algorithm_as_the_extractor(store):
 
 def test_leftovers_are_notes_not_problems(store, extract_config):
     orphan = _orphan(store, extract_config)
-    (store / "manifests" / ".tmp-part-00001.parquet-0123").write_bytes(b"half a commit")
+    (store / "manifests" / f".probecache-tmp-part-00001.parquet-00000000-1-{'0' * 32}").write_bytes(b"half a commit")
     report = verify_store(store)
     assert report.ok, report.problems
     assert any("temp files" in n for n in report.notes) and any(orphan.name in n for n in report.notes)
@@ -325,22 +330,43 @@ def test_gc_never_touches_referenced_segments(store, extract_config):
 def test_gc_refuses_to_run_when_a_part_is_unreadable(store, extract_config):
     orphan = _orphan(store, extract_config)
     _part(store, 3).write_bytes(b"not parquet")
-    with pytest.raises(StoreError, match="gc will not delete anything"):
+    with pytest.raises(StoreError, match="does not verify, so gc deletes nothing"):
         gc_store(store, older_than_seconds=0)
     assert orphan.is_dir()
 
 
+def _temp_name(target: str, tag: str | None = None, pid: int | None = None) -> str:
+    """A commit temp file name as store/commit.py writes it: the writer's machine tag and pid, then 32 hex."""
+    from probecache.store.lease import machine_tag
+
+    return f".probecache-tmp-{target}-{tag or machine_tag()}-{pid if pid is not None else os.getpid()}-{'a' * 32}"
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
 def test_gc_removes_old_commit_temp_files(store):
     manifests = store / "manifests"
-    old, young = manifests / ".tmp-part-00001.parquet-aaaa", manifests / ".tmp-part-00002.parquet-bbbb"
-    old.write_bytes(b"x" * 100)
-    young.write_bytes(b"y")
-    os.link(_part(store, 0), linked := manifests / ".tmp-part-00000.parquet-cccc")  # killed after its link
-    for p in (old, linked):
+    dead = _dead_pid()
+    old = manifests / _temp_name("part-00001.parquet", pid=dead)  # its writer was killed
+    young = manifests / _temp_name("part-00002.parquet", pid=dead)
+    elsewhere = manifests / _temp_name("part-00003.parquet", tag="abcdef01", pid=1)  # a writer on another machine
+    running = manifests / _temp_name("part-00002.parquet")  # this process: a writer about to link it
+    for p in (old, young, elsewhere, running):
+        p.write_bytes(b"x" * 100)
+    os.link(_part(store, 0), linked := manifests / _temp_name("part-00000.parquet", pid=dead))  # killed after link
+    for p in (old, linked, running, elsewhere):
         os.utime(p, (time.time() - DAY, time.time() - DAY))
     report = gc_store(store, older_than_seconds=3600)
-    assert {r.path: r.bytes for r in report.removed} == {f"manifests/{old.name}": 100, f"manifests/{linked.name}": 0}
-    assert young.exists() and not old.exists() and not linked.exists() and verify_store(store).ok
+    assert {r.path: r.bytes for r in report.removed} == {f"manifests/{old.name}": 100, f"manifests/{linked.name}": 0,
+                                                         f"manifests/{elsewhere.name}": 100}
+    assert young.exists() and running.exists() and not old.exists() and not linked.exists() and verify_store(store).ok
+    # with --older-than 0: a dead writer's temp goes at once, another machine's waits out the lease TTL
+    os.utime(elsewhere, None) if elsewhere.exists() else elsewhere.write_bytes(b"x")
+    report = gc_store(store, older_than_seconds=0)
+    assert [r.path for r in report.removed] == [f"manifests/{young.name}"] and elsewhere.exists() and running.exists()
 
 
 def test_gc_killed_mid_delete_is_finished_by_the_next_gc(store, extract_config):
@@ -349,10 +375,10 @@ def test_gc_killed_mid_delete_is_finished_by_the_next_gc(store, extract_config):
     env = {**os.environ, "PROBECACHE_CRASH_AT": "gc-delete"}
     killed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
     assert killed.returncode == -9, killed.stderr.decode()
-    hidden = store / "segments" / f".deleting-{orphan.name}"
+    hidden = store / "segments" / f".probecache-deleting-{orphan.name}"
     assert hidden.is_dir() and not orphan.exists()
     report = verify_store(store)  # readers never referenced it: the store is whole meanwhile
-    assert report.ok and any(".deleting-" in n for n in report.notes)
+    assert report.ok and any(".probecache-deleting-" in n for n in report.notes)
     assert store_status(store)["complete"]
     again = gc_store(store, older_than_seconds=DAY)  # finished whatever the age: it was old when renamed
     assert [r.kind for r in again.removed] == ["deleting", "stats"]
@@ -402,3 +428,349 @@ def test_a_stray_part_copy_is_ignored_by_readers_and_noted_by_verify(store):
     assert reader.layout.committed_shards() == {0, 1, 2, 3}
     report = verify_store(store)
     assert report.ok and any("part-00001-copy.parquet" in n for n in report.notes)
+
+
+# ---- gc that cannot lose data (issue 15): leases, checks before commit, refusals, reserved names, repair -------
+
+
+def _assert_whole(store: Path, reference: Path) -> None:
+    """verify clean, every planned example exactly once, every value equal to an undisturbed run's."""
+    import torch
+
+    from probecache import open_store
+
+    report = verify_store(store)
+    assert report.ok, report.problems
+    got, want = open_store(store), open_store(reference)
+    ids = got.manifest(columns=["example_id"])["example_id"].to_pylist()
+    expected = want.manifest(columns=["example_id"])["example_id"].to_pylist()
+    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(expected) and len(ids) == 30
+    for eid in expected:
+        assert torch.equal(got.hidden(eid), want.hidden(eid)), eid
+    assert torch.equal(got.mean(expected), want.mean(expected))
+
+
+def _reference_copy(store: Path, tmp_path: Path) -> Path:
+    """An untouched copy of a freshly extracted store (same folder name: the store id)."""
+    reference = tmp_path / "reference" / store.name
+    shutil.copytree(store, reference)
+    return reference
+
+
+def _hook_crash_point(monkeypatch, hook) -> None:
+    """Run ``hook(name)`` at every crash point extract/shard.py reaches (after the real one)."""
+    import probecache.extract.shard as shard_module
+
+    real = shard_module.crash_point
+
+    def point(name: str) -> None:
+        real(name)
+        hook(name)
+
+    monkeypatch.setattr(shard_module, "crash_point", point)
+
+
+def test_gc_during_a_running_extract_keeps_the_segment_being_written(store, extract_config, tmp_path, monkeypatch):
+    """The issue's bug: `gc --older-than 0` while a shard is written deleted it; the extract then committed a part
+    pointing at nothing. Now the attempt's lease keeps gc away, whatever --older-than says."""
+    root = tmp_path / "racing"
+    reports = []
+
+    def gc_now(name: str) -> None:
+        if name == "writer-append":  # on the writer thread, mid-segment: gc as another process would
+            reports.append(gc_store(next(root.glob("*/store.json")).parent, older_than_seconds=0))
+
+    _hook_crash_point(monkeypatch, gc_now)
+    result = extract(extract_config(root=str(root)))
+    assert not any(r.kind == "segment" for report in reports for r in report.removed)
+    leased = {k.path for report in reports for k in report.kept if (k.reason or "").startswith("lease")}
+    assert len(leased) == 4  # every shard's attempt was seen in flight, and kept for its lease
+    assert not (result.store_path / "leases").exists() or not list((result.store_path / "leases").iterdir())
+    _assert_whole(result.store_path, store)
+
+
+@pytest.mark.parametrize("damage", ["segment deleted", "chunk deleted", "chunk truncated", "deleted mid-write"])
+def test_a_segment_damaged_before_its_commit_is_written_again(damage, store, extract_config, tmp_path, monkeypatch,
+                                                              capfd):
+    root = tmp_path / "damaged"
+    hit, appended = [], []
+
+    def break_segment(name: str) -> None:
+        appended.append(name == "writer-append")
+        if hit or name != ("writer-append" if damage == "deleted mid-write" else "stats-written"):
+            return
+        if damage == "deleted mid-write":
+            if sum(appended) < 5:
+                return  # the first shard's 5th example: its writer has more to write into the folder
+            (segment,) = root.glob("*/segments/shard-00000-*")
+            hit.append(segment.name)
+            shutil.rmtree(segment)
+            return
+        (segment,) = root.glob("*/segments/shard-00000-*")  # the shard being committed right now
+        hit.append(segment.name)
+        chunk = next(p for p in sorted((segment / "hidden" / "c").rglob("*")) if p.is_file())
+        if damage == "segment deleted":
+            shutil.rmtree(segment)
+        elif damage == "chunk deleted":
+            chunk.unlink()
+        else:
+            with open(chunk, "r+b") as f:
+                f.truncate(10)
+
+    _hook_crash_point(monkeypatch, break_segment)
+    result = extract(extract_config(root=str(root)))
+    assert result.totals.shards == 4
+    assert "shard 0: its segment was deleted or changed while it was being written" in capfd.readouterr().err
+    assert hit[0] not in set(pq.read_table(_part(result.store_path, 0))["segment"].to_pylist())
+    _assert_whole(result.store_path, store)
+
+
+def test_a_shard_whose_segment_keeps_vanishing_fails_with_one_line(extract_config, tmp_path, monkeypatch):
+    root = tmp_path / "vanishing"
+
+    def delete_shard_0(name: str) -> None:
+        if name == "stats-written":
+            for segment in root.glob("*/segments/shard-00000-*"):
+                shutil.rmtree(segment)
+
+    _hook_crash_point(monkeypatch, delete_shard_0)
+    config = extract_config(root=str(root))
+    result = runner.invoke(app, ["extract", "--dataset", config.dataset, "--model", config.model, "--root", str(root),
+                                 "--dtype", "fp32", "--shard-size", "8", "--batch-tokens", "96", "--no-progress"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    *warnings, error = result.stderr.strip().splitlines()
+    assert len(warnings) == 2 and all(w.startswith("warning: shard 0: its segment was deleted") for w in warnings)
+    assert error.startswith("error: shard 0") and "3 times" in error and "rerun the same command" in error
+    (folder,) = root.iterdir()
+    assert not _part(folder, 0).exists() and verify_store(folder).ok  # nothing broken was committed
+
+
+def _fake_segment(store: Path, name: str = "shard-00001-20200101T000000-0badf00d") -> Path:
+    """An orphan attempt folder (a copy of shard 1's segment under another attempt name), idle for 30 days."""
+    orphan = store / "segments" / name
+    shutil.copytree(_segment(store, 1), orphan)
+    _age_tree(orphan, 30 * DAY)
+    return orphan
+
+
+def _write_lease(store: Path, segment: str, heartbeat: float, holder: dict | None = None) -> Path:
+    lease = store / "leases" / f"{segment}.json"
+    lease.parent.mkdir(exist_ok=True)
+    lease.write_text(json.dumps({"segment": segment, "heartbeat": heartbeat,
+                                 "holder": holder or {"host": "elsewhere", "pid": 1, "boot_id": "another-machine",
+                                                      "pid_ns": "pid:[1]", "start": "1"}}))
+    return lease
+
+
+def test_gc_never_deletes_a_leased_segment_whatever_older_than(store):
+    from probecache.store.lease import LeaseKeeper
+    from probecache.store.remote import LocalRoot
+
+    orphan = _fake_segment(store)
+    keeper = LeaseKeeper(LocalRoot(store))
+    keeper.hold(orphan.name)  # held by this very process: alive whatever the clock says
+    try:
+        for now in (None, time.time() + 30 * DAY):
+            report = gc_store(store, older_than_seconds=0, now=now)
+            assert report.removed == [] and orphan.is_dir()
+            assert [(k.path, k.reason.split(":")[0]) for k in report.kept] == [(f"segments/{orphan.name}", "lease")]
+        assert "live lease" in runner.invoke(app, ["store", "gc", str(store), "--older-than", "0"]).stdout
+    finally:
+        keeper.close()
+    report = gc_store(store, older_than_seconds=0)
+    assert [r.path for r in report.removed] == [f"segments/{orphan.name}"] and not orphan.exists()
+
+
+def test_a_lease_from_another_machine_expires_after_its_ttl(store):
+    from probecache.store.lease import LEASE_TTL_SECONDS
+
+    orphan = _fake_segment(store)
+    lease = _write_lease(store, orphan.name, heartbeat=time.time())
+    assert gc_store(store, older_than_seconds=0).removed == [] and orphan.is_dir()
+    # a heartbeat from the far future does not pin a segment forever: the lease's own mtime decides then
+    _write_lease(store, orphan.name, heartbeat=time.time() + 1000 * DAY)
+    later = time.time() + LEASE_TTL_SECONDS + 60
+    report = gc_store(store, older_than_seconds=0, now=later)
+    assert {(r.kind, r.path) for r in report.removed} == {("segment", f"segments/{orphan.name}"),
+                                                          ("lease", f"leases/{orphan.name}.json")}
+    assert not orphan.exists() and not lease.exists() and verify_store(store).ok
+
+
+def test_a_lease_whose_holder_died_on_this_machine_is_stale_at_once(store):
+    orphan = _fake_segment(store)
+    code = ("import os, sys; from probecache.store.lease import LeaseKeeper; from probecache.store.remote import "
+            f"LocalRoot; LeaseKeeper(LocalRoot({str(store)!r})).hold({orphan.name!r}); os._exit(0)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+    assert (store / "leases" / f"{orphan.name}.json").is_file()  # a killed attempt leaves its lease behind
+    report = gc_store(store, older_than_seconds=0)
+    assert {r.kind for r in report.removed} == {"segment", "lease"} and not orphan.exists()
+
+
+def test_gc_refuses_a_store_whose_manifests_were_deleted_and_a_rerun_repairs_it(store, extract_config, tmp_path,
+                                                                                one_line_error):
+    reference = _reference_copy(store, tmp_path)
+    segments = set(os.listdir(store / "segments"))
+    shutil.rmtree(store / "manifests")
+    report = verify_store(store)  # this said "ok: 0 parts of 4 shards"
+    assert not report.ok and "manifests/ is missing" in report.problems[0]
+    for dry_run in (True, False):
+        with pytest.raises(StoreError, match="does not verify, so gc deletes nothing"):
+            gc_store(store, older_than_seconds=0, dry_run=dry_run)
+    one_line_error(runner.invoke(app, ["store", "gc", str(store), "--older-than", "0"]), "manifests/ is missing")
+    assert set(os.listdir(store / "segments")) == segments
+    assert extract(extract_config()).shards_run == 4  # every shard again: the old segments are orphans now
+    _assert_whole(store, reference)
+    assert {r.path for r in gc_store(store, older_than_seconds=0).removed if r.kind == "segment"} == {
+        f"segments/{s}" for s in segments}
+
+
+def test_gc_refuses_a_part_overwritten_by_another_and_a_rerun_repairs_it(store, extract_config, tmp_path):
+    reference = _reference_copy(store, tmp_path)
+    real = _segment(store, 2)
+    shutil.copy(_part(store, 1), _part(store, 2))  # shard 2's commit record now says shard 1
+    assert any("part-00002" in p for p in _problems(store))
+    with pytest.raises(StoreError, match="does not verify"):
+        gc_store(store, older_than_seconds=0)  # it would have deleted shard 2's real segment as an orphan
+    assert real.is_dir()
+    result = extract(extract_config())
+    assert not result.cache_hit and result.shards_run == 1
+    assert [p.name.split("-")[3] for p in (store / "manifests").glob(".probecache-broken-part-*")] == ["00002"]
+    _assert_whole(store, reference)
+
+
+@pytest.mark.parametrize("damage", ["segment deleted", "hidden chunk deleted", "mean chunk truncated"])
+def test_a_rerun_repairs_a_part_whose_segment_is_missing_or_incomplete(damage, store, extract_config, tmp_path):
+    reference = _reference_copy(store, tmp_path)
+    segment = _segment(store, 2)
+    if damage == "segment deleted":
+        shutil.rmtree(segment)
+    elif damage == "hidden chunk deleted":
+        next(p for p in (segment / "hidden" / "c").rglob("*") if p.is_file()).unlink()
+    else:
+        chunk = next(p for p in (segment / "mean" / "c").rglob("*") if p.is_file())
+        with open(chunk, "r+b") as f:
+            f.truncate(chunk.stat().st_size - 3)
+    report = verify_store(store)
+    assert not report.ok and any("rerun the extract command" in n and "(2)" in n for n in report.notes), report.notes
+    cli = runner.invoke(app, ["store", "verify", str(store)])
+    assert cli.exit_code == 1 and "rerun the extract command" in cli.stdout
+    result = extract(extract_config())  # this said "already extracted"
+    assert not result.cache_hit and result.shards_run == 1
+    (moved,) = (store / "manifests").glob(".probecache-broken-part-00002-*.parquet")
+    assert pq.read_table(moved)["segment"][0].as_py() == segment.name  # the old record, kept for inspection
+    assert any("set aside" in n for n in verify_store(store).notes)
+    _assert_whole(store, reference)
+    removed = {r.kind for r in gc_store(store, older_than_seconds=0).removed}
+    assert "broken-part" in removed and not moved.exists() and verify_store(store).notes == []
+    assert extract(extract_config()).cache_hit
+
+
+def test_gc_touches_only_names_it_created(store):
+    junk = {
+        ".tmp-notes": "file", "manifests/.tmp-mine.parquet": "file",
+        f"manifests/.tmp-part-00001.parquet-{'d' * 32}": "file",  # an old temp name, but not a part: not provably ours
+        "segments/.deleting-mystuff": "dir", "segments/.deleting-shard-1-x": "dir",
+        "segments/shard-00001-20200101T000000-0123abcdX": "dir", "segments/shard-1-20200101T000000-0123abcd": "dir",
+        "segments/shard-00001-20201399T000000-0123abcd": "dir",
+        "segments/shard-00001-20200101T000000-0123abcd\n": "dir",
+        "stats/notes.json": "file", "leases/mine.json": "file", ".probecache-tmp-short": "file",
+    }
+    for rel, kind in junk.items():
+        path = store / rel
+        path.parent.mkdir(exist_ok=True)
+        if kind == "dir":
+            path.mkdir()
+            (path / "data.bin").write_bytes(b"user data")
+        else:
+            path.write_bytes(b"user data")
+    provable = store / "manifests" / f".tmp-part-00001.parquet-{'e' * 32}"  # an old commit temp file: a part of shard 1
+    shutil.copy(_part(store, 1), provable)
+    _age_tree(store, 30 * DAY)
+    report = gc_store(store, older_than_seconds=0)
+    assert [(r.kind, r.path) for r in report.removed] == [("temp", f"manifests/{provable.name}")]
+    assert all((store / rel).exists() for rel in junk)
+    assert verify_store(store).ok
+
+
+def test_gc_never_follows_a_symlinked_segment(store, tmp_path):
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "keep.bin").write_bytes(b"not a segment")
+    for name in ("shard-00009-20200101T000000-0badf00d", ".probecache-deleting-shard-00008-20200101T000000-0badf00d",
+                 ".deleting-shard-00007-20200101T000000-0badf00d"):
+        (store / "segments" / name).symlink_to(outside, target_is_directory=True)
+    for _ in range(2):  # this used to crash every later gc with a traceback
+        report = gc_store(store, older_than_seconds=0)
+        assert report.removed == [] and len(report.skipped) == 3 and "symbolic link" in report.skipped[0]
+    assert (outside / "keep.bin").read_bytes() == b"not a segment"
+    result = runner.invoke(app, ["store", "gc", str(store), "--older-than", "0"])
+    assert result.exit_code == 0 and result.stdout.count("skipped segments/") == 3
+    assert any("symbolic links" in n for n in verify_store(store).notes)
+
+
+def test_gc_refuses_a_folder_that_is_not_this_store(store, tmp_path, one_line_error):
+    renamed = tmp_path / "elsewhere" / "my-copy"
+    shutil.copytree(store, renamed)
+    _fake_segment(renamed)
+    with pytest.raises(StoreError, match="names store .* but the folder is 'my-copy'"):
+        gc_store(renamed, older_than_seconds=0)
+    one_line_error(runner.invoke(app, ["store", "gc", str(renamed), "--older-than", "0"]), "rename it back")
+    # a folder whose store.json only looks like a store's (the old test was "has plan.n_shards")
+    foreign = tmp_path / "foreign"
+    (foreign / "segments" / "shard-00000-20200101T000000-0badf00d").mkdir(parents=True)
+    (foreign / "store.json").write_text(json.dumps({"plan": {"n_shards": 1}}))
+    with pytest.raises(StoreError):
+        gc_store(foreign, older_than_seconds=0)
+    assert (foreign / "segments" / "shard-00000-20200101T000000-0badf00d").is_dir()
+
+
+def test_verify_quick_mode_checks_sizes_not_bytes(store):
+    chunk = next(p for p in (_segment(store, 1) / "hidden" / "c").rglob("*") if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    quick = verify_store(store, checksums=False)
+    assert quick.ok and quick.bytes_checked == 0 and quick.files_checked > 0  # a flipped bit needs the full verify
+    assert not verify_store(store).ok
+    chunk.write_bytes(bytes(data[:-1]))
+    assert any("truncated" in p for p in verify_store(store, checksums=False).problems)
+
+
+def test_status_reads_leases_a_live_holder_is_running_a_dead_one_stale(store):
+    from probecache.store.lease import LeaseKeeper
+    from probecache.store.remote import LocalRoot
+
+    segment = _segment(store, 2)
+    _part(store, 2).unlink()  # shard 2 uncommitted; its attempt's folder is fresh (just written)
+    keeper = LeaseKeeper(LocalRoot(store))
+    keeper.hold(segment.name)
+    try:
+        assert [s["shard_id"] for s in store_status(store, stale_after=0)["shards"]["in_progress"]] == [2]
+    finally:
+        keeper.close()
+    _write_lease(store, segment.name, time.time(), holder={**_holder_of_a_dead_process()})
+    assert [s["shard_id"] for s in store_status(store)["shards"]["stale"]] == [2]  # killed: no need to wait 6h
+
+
+def _holder_of_a_dead_process() -> dict:
+    from probecache.store import lease
+
+    holder = lease.holder()
+    return {**holder, "pid": _dead_pid()}
+
+
+@pytest.mark.parametrize("fixer", ["gc", "extract"])
+@pytest.mark.parametrize("prefix", [".probecache-deleting-", ".deleting-"])
+def test_a_committed_segment_left_half_deleted_by_a_killed_gc_is_put_back(prefix, fixer, store, extract_config,
+                                                                          tmp_path):
+    """A gc killed between its rename and its second look, while a writer committed that very segment."""
+    reference = _reference_copy(store, tmp_path)
+    segment = _segment(store, 1)
+    segment.rename(segment.with_name(prefix + segment.name))
+    assert any(f"segments/{segment.name} is missing" in p for p in _problems(store))
+    if fixer == "gc":
+        assert gc_store(store, older_than_seconds=0).restored == [f"segments/{segment.name}"]
+    else:
+        assert extract(extract_config()).cache_hit  # put back, not extracted again
+    assert segment.is_dir()
+    _assert_whole(store, reference)
