@@ -6,11 +6,12 @@ import typer
 
 from probecache.extract.datasets import DatasetError
 from probecache.extract.errors import ExtractError, ModelError
+from probecache.manifests.schema import ManifestError
 from probecache.serve.errors import ServeError
 from probecache.store.errors import StoreError
 
 # Each stage's user errors: printed as one line on stderr, exit code 2, never a traceback.
-USER_ERRORS = (DatasetError, ExtractError, ModelError, StoreError, ServeError)
+USER_ERRORS = (DatasetError, ExtractError, ModelError, ManifestError, StoreError, ServeError)
 
 
 def fail(error: Exception) -> None:

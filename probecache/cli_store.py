@@ -100,6 +100,9 @@ def store_ls(
         return
     rows = [["store", "model", "dataset", "examples", "size", "status", "created"]]
     for s in stores:
+        if "damaged" in s:  # listed, not fatal: `store verify` / `store info` on it say what is wrong
+            rows.append([s["store_id"], "?", "?", "-", "-", "damaged: run `probecache store verify`", "-"])
+            continue
         status = "complete" if s["complete"] else f"{s['shards_committed']}/{s['shards_total']} shards"
         rows.append(
             [

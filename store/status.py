@@ -16,7 +16,6 @@ shared with ``verify`` and ``gc`` so the three commands agree on what the layout
 from __future__ import annotations
 
 import calendar
-import json
 import os
 import re
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from probecache.manifests.schema import PART_NAME, committed_part_files, part_stats
 
-from .errors import StoreError
+from .header import read_header
 from .layout import StoreLayout
 from .lease import local_lease
 
@@ -49,16 +48,7 @@ LEGACY_DELETING = ".deleting-"  # older versions; recognised only before an exac
 def open_layout(path: str | Path) -> tuple[StoreLayout, dict]:
     """The layout and parsed store.json of a store folder; StoreError when it is not one."""
     folder = Path(str(path).removeprefix("file://")).expanduser()
-    store_json = folder / "store.json"
-    if not store_json.is_file():
-        raise StoreError(f"{folder} is not a probecache store (no store.json): pass <root>/<store_id>")
-    try:
-        info = json.loads(store_json.read_text())
-    except ValueError as e:
-        raise StoreError(f"{store_json} is not valid JSON ({e}): the store header is damaged") from e
-    # every maintenance command needs the plan summary; a header without it is not one we wrote
-    if not isinstance(info, dict) or not isinstance(info.get("plan"), dict) or "n_shards" not in info["plan"]:
-        raise StoreError(f"{store_json} has no plan summary: the store header is damaged")
+    info = read_header(folder)
     return StoreLayout(folder), info
 
 

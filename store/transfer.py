@@ -30,9 +30,10 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from probecache.manifests.schema import PART_NAME
+from probecache.manifests.schema import PART_NAME, ManifestError, read_part
 
 from .errors import StoreError
+from .header import parse_header
 from .integrity import crc32c_hex, plan_digest
 from .lease import LeaseKeeper
 from .remote import LocalRoot, Root, check_store_name, clean_key, open_root
@@ -85,10 +86,9 @@ def read_stats(part: bytes) -> dict:
 def shard_record(shard_id: int, part: bytes, where: str) -> ShardRecord:
     """The validated record of one part; StoreError when it cannot be trusted to name paths."""
     try:
-        stats = read_stats(part)
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        raise DamagedSource(f"{where}: unreadable manifest part ({type(e).__name__}): run `probecache store "
-                            "verify`") from e
+        _, stats = read_part(part, where)  # checked against its digest: its names become paths
+    except ManifestError as e:
+        raise DamagedSource(str(e)) from e
     segment = stats.get("segment")
     attempt = parse_segment(segment) if isinstance(segment, str) else None
     if attempt is None or attempt.shard_id != shard_id:
@@ -132,11 +132,8 @@ def copy_header(src: Root, dst: Root) -> dict:
     raw = src.get("store.json")
     if raw is None:
         raise StoreError(f"{src.url} is not a probecache store (no store.json): pass <root>/<store_id>")
-    try:
-        info = json.loads(raw)
-        recorded = info["plan"]["sha256"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise StoreError(f"{src.url}/store.json is damaged ({type(e).__name__})") from None
+    info = parse_header(raw, f"{src.url}/store.json")
+    recorded = info["plan"].get("sha256")
     plan = src.get("plan.parquet")
     if plan is None or _plan_digest(plan) != recorded:
         raise StoreError(f"{src.url}/plan.parquet is missing or differs from store.json: run `probecache store "

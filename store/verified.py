@@ -109,8 +109,10 @@ class VerifiedSegmentStore(LocalStore):
                 raise StoreError(f"{self.where}/{key} has {len(data)} bytes, its commit recorded {size} (truncated "
                                  "or rewritten): run `probecache store verify`, then rerun the extract command")
             if crc32c_hex(data) != crc:
+                # same size, other bytes: a rerun of extract checks sizes only, so the shard's commit must go
                 raise StoreError(f"{self.where}/{key} is corrupted (crc32c differs from its commit record): run "
-                                 "`probecache store verify`, then rerun the extract command")
+                                 "`probecache store verify`, delete the manifest part it names, then rerun the "
+                                 "extract command")
             self.checked.put(path, data)
             return data
 

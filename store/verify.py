@@ -25,8 +25,9 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from probecache.manifests.schema import part_stats
+from probecache.manifests.schema import ManifestError, read_part
 
+from .header import label_name_mismatch
 from .integrity import file_crc32c, plan_digest
 from .layout import StoreLayout
 from .status import open_layout, parse_segment, part_files, segment_attempts
@@ -174,6 +175,12 @@ def _check_part(layout: StoreLayout, info: dict, shard: int, part: Path, plan: d
     if record is None:
         return None
     table, stats, segment, ids, named_ok = record
+    if "label_name" in table.column_names:
+        wrong = label_name_mismatch(info["dataset"]["label_names"], table["label"].to_pylist(),
+                                    table["label_name"].to_pylist())
+        if wrong:
+            problem(f"{where}: label {wrong[0]} is {wrong[1]!r} here, store.json's label_names say "
+                    f"{info['dataset']['label_names']} (store.json edited?)")
     if not named_ok:
         return segment, ids  # never touch a path built from a name we did not write
     folder = layout.segments / segment
@@ -196,10 +203,9 @@ def read_part_record(part: Path, shard: int, plan: dict[int, dict[str, int]] | N
     become a path), or None when the part is unreadable or too damaged to say. Shared with remote_verify.py."""
     where = f"manifests/{part.name}"
     try:
-        table = pq.read_table(part)
-        stats = part_stats(part)
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        problem(f"{where}: unreadable ({type(e).__name__}: {e})")
+        table, stats = read_part(part, where)
+    except ManifestError as e:
+        problem(str(e))
         return None
     checked = _check_part_record(where, shard, table, stats, plan, problem)
     return None if checked is None else (table, stats, *checked)
