@@ -44,13 +44,13 @@ def create_if_absent(path: Path, data: bytes) -> bool:
         except FileExistsError:
             return False
         crash_point("commit-linked")
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Make the new directory entry durable (a crash after commit must not lose the commit)."""
     fd = os.open(directory, os.O_RDONLY)
     try:

@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 
 from probecache.manifests.schema import ManifestError, read_part
 
+from .commit import fsync_dir
 from .layout import StoreLayout, new_attempt_id
 from .status import DELETING, LEGACY_DELETING, parse_segment, part_files
 
@@ -145,7 +146,7 @@ def set_aside_broken_parts(layout: StoreLayout) -> list[BrokenPart]:
             except FileExistsError:
                 pass
             continue
-        _fsync_dir(layout.manifests)
+        fsync_dir(layout.manifests)
         moved.append(BrokenPart(shard_id, f"{layout.manifests / part.name}", reason, f"manifests/{target.name}"))
     return moved
 
@@ -156,14 +157,6 @@ def _segment_named(part: Path) -> str | None:
     except ManifestError:
         return None
     return segment if isinstance(segment, str) else None
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _some(items: list[str], n: int = 3) -> str:
