@@ -124,8 +124,8 @@ class Store:
                                  "`probecache store verify`")
             tables.append(table)
             files = stats.get("files")
-            if isinstance(files, dict) and isinstance(stats.get("segment"), str):
-                records[stats["segment"]] = {k: (int(v[0]), str(v[1])) for k, v in files.items()}
+            if isinstance(files, dict) and isinstance(segment, str):
+                records[segment] = {k: (int(v[0]), str(v[1])) for k, v in files.items()}
         manifest = concat_parts(tables)
         self._check_label_names(manifest)
         return manifest, records
