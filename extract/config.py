@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass
 
 from .datasets import DEFAULT_DATASET
-from .models import DEFAULT_MODEL
 
+DEFAULT_MODEL = "smollm2-135m"  # an alias of extract/models.py EMBEDDED_MODELS (re-exported there)
 DEFAULT_ROOT = "stores"
 PROMPT_FORMATS = ("raw", "chat")
 TRUNCATION_SIDES = ("right", "left")

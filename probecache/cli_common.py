@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import typer
 
-from probecache.extract.datasets import DatasetError
-from probecache.extract.errors import ExtractError, ModelError
-from probecache.manifests.schema import ManifestError
-from probecache.serve.errors import ServeError
-from probecache.store.errors import StoreError
 
-# Each stage's user errors: printed as one line on stderr, exit code 2, never a traceback.
-USER_ERRORS = (DatasetError, ExtractError, ModelError, ManifestError, StoreError, ServeError)
+def user_errors() -> tuple[type[Exception], ...]:
+    """Each stage's user errors: printed as one line on stderr, exit code 2, never a traceback.
+
+    A function, imported when an exception is being matched (`except user_errors() as e`), so that `--help`
+    and `--version` import no stage (ManifestError lives beside pyarrow).
+    """
+    from probecache.extract.datasets import DatasetError
+    from probecache.extract.errors import ExtractError, ModelError
+    from probecache.manifests.schema import ManifestError
+    from probecache.serve.errors import ServeError
+    from probecache.store.errors import StoreError
+
+    return (DatasetError, ExtractError, ModelError, ManifestError, StoreError, ServeError)
+
+
+def __getattr__(name: str):
+    if name == "USER_ERRORS":  # the old constant, for code outside the CLI that imported it
+        return user_errors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def fail(error: Exception) -> None:

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from probecache.cli_common import USER_ERRORS, fail, print_table
+from probecache.cli_common import fail, print_table, user_errors
 
 _RUNS = "Runs and model"
 _INPUT = "Input"
@@ -149,7 +149,7 @@ def register(app: typer.Typer) -> None:
             texts = list(text) if text else read_texts(file, text_col)
             probed = _load(run, device, dtype, model)
             results = probed.classify(texts, batch_size=batch_size, truncate=truncate)
-        except (*USER_ERRORS, ValueError) as e:
+        except (*user_errors(), ValueError) as e:
             fail(e)
         if as_json:
             for i, (t, r) in enumerate(zip(texts, results, strict=True)):
@@ -189,7 +189,7 @@ def register(app: typer.Typer) -> None:
             probed = _load(run, device, dtype, model)
             results = probed.generate(text, max_new_tokens=max_new_tokens, refuse_on=rules, truncate=truncate,
                                       refusal=refusal if refusal is not None else DEFAULT_REFUSAL)
-        except (*USER_ERRORS, ValueError) as e:
+        except (*user_errors(), ValueError) as e:
             fail(e)
         for i, (prompt, r) in enumerate(zip(text, results, strict=True)):
             if as_json:
@@ -244,7 +244,7 @@ def register(app: typer.Typer) -> None:
                                  refusal=refusal if refusal is not None else DEFAULT_REFUSAL, truncate=truncate,
                                  concurrency=concurrency, queue=max_queue, queue_timeout=queue_timeout,
                                  max_chars=max_chars)
-        except (*USER_ERRORS, ValueError, OSError) as e:
+        except (*user_errors(), ValueError, OSError) as e:
             fail(e)
         typer.echo(f"serving {', '.join(probed.names)} on {server.url} (POST /classify, /generate; GET /health); "
                    "Ctrl-C stops", err=True)

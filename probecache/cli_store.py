@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from probecache.cli_common import USER_ERRORS, fail, print_table
+from probecache.cli_common import fail, print_table, user_errors
 from probecache.extract.config import default_root
 
 store_app = typer.Typer(
@@ -44,7 +44,7 @@ def store_info(
 
     try:
         summary = open_store(store).summary()
-    except USER_ERRORS as e:
+    except user_errors() as e:
         fail(e)
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
@@ -88,7 +88,7 @@ def store_ls(
     try:
         root = readable_root(root)
         stores = list_stores(root)
-    except USER_ERRORS as e:
+    except user_errors() as e:
         fail(e)
     except OSError as e:  # unreadable folder, I/O error: a local path that passed parse_root (URLs raise StoreError)
         fail(StoreError(f"store root {root}: {e.strerror or e}"))
@@ -138,7 +138,7 @@ def store_status_cmd(
                              "URL, `probecache store info` shows the committed shards (run status on the "
                              "extracting host)")
         status = store_status(store, stale_after=_age(stale_after, "--stale-after"))
-    except USER_ERRORS as e:
+    except user_errors() as e:
         fail(e)
     if as_json:
         typer.echo(json.dumps(status, indent=1))
@@ -167,7 +167,7 @@ def store_verify(
             report = verify_remote(store)
         else:
             report = verify_store(store)
-    except USER_ERRORS as e:
+    except user_errors() as e:
         fail(e)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=1))
@@ -211,7 +211,7 @@ def store_gc(
             report = gc_remote(store, _age(older_than, "--older-than"), dry_run=dry_run)
         else:
             report = gc_store(store, _age(older_than, "--older-than"), dry_run=dry_run)
-    except USER_ERRORS as e:
+    except user_errors() as e:
         fail(e)
     except OSError as e:  # a permission or I/O error mid-way: what was removed so far was removable
         from probecache.store.errors import StoreError
@@ -243,7 +243,7 @@ def store_push(
 
     try:
         report = push(local, url, verify_existing=verify_existing, progress=not as_json)
-    except USER_ERRORS as e:
+    except user_errors() as e:
         fail(e)
     _print_transfer(report, as_json)
 
@@ -260,7 +260,7 @@ def store_pull(
 
     try:
         report = pull(url, local, progress=not as_json)
-    except USER_ERRORS as e:
+    except user_errors() as e:
         fail(e)
     _print_transfer(report, as_json)
 

@@ -1,7 +1,8 @@
 """`probecache train`, `probecache eval` and `probecache report`: probes from a store, without the LLM.
 
 No `from __future__ import annotations` here: typer evaluates the option annotations, and they name choices
-imported inside `register` (the train stage loads only when these commands are registered).
+imported inside `register` from train/choices.py, which imports nothing heavy; the train stage itself (torch,
+scikit-learn, zarr) loads only when a command runs, so `--help` stays fast.
 """
 
 
@@ -12,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from probecache.cli_common import USER_ERRORS, fail, print_table
+from probecache.cli_common import fail, print_table, user_errors
 
 _PROBE = "Probe"
 _TRAIN = "Training (repeat an option to sweep it)"
@@ -83,11 +84,8 @@ def _fmt(m: dict | None, name: str) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    from probecache.train.metrics import METRICS
-    from probecache.train.probes import NORMS, POOLS
-    from probecache.train.runner import ALL_PROBES, READOUTS
-    from probecache.train.runs import default_runs_dir
-    from probecache.train.trainer import CLASS_WEIGHTS
+    # the option vocabularies only (no torch, numpy or zarr): the train stage itself loads when a command runs
+    from probecache.train.choices import ALL_PROBES, CLASS_WEIGHTS, METRICS, NORMS, POOLS, READOUTS, default_runs_dir
 
     @app.command(epilog="Examples:\n\n  probecache train --store stores/rotten_tomatoes-XXXX --probe scoring\n\n"
                         "  probecache train --store STORE --probe mha --downcast 8 --downcast 32 --lr 1e-4 --lr 3e-4 "
@@ -172,7 +170,7 @@ def register(app: typer.Typer) -> None:
                                    device=device, buffer_tokens=buffer_tokens, progress=progress,
                                    extra={"argv": sys.argv[1:]})
             run_dir = train_run(st, options)
-        except (*USER_ERRORS, ValueError) as e:
+        except (*user_errors(), ValueError) as e:
             fail(e)
         metrics = json.loads((run_dir / "metrics.json").read_text())
         results = (run_dir / "results.md").read_text()
@@ -198,7 +196,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             metrics = evaluate_run(run, open_store_arg(store, root), split, device=device)
-        except (*USER_ERRORS, ValueError) as e:
+        except (*user_errors(), ValueError) as e:
             fail(e)
         if as_json:
             typer.echo(json.dumps(metrics))

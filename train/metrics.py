@@ -34,6 +34,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+# METRICS: what tune_threshold can maximise (and early stopping can monitor); defined in choices.py, which the
+# CLI's --help reads without numpy
+from .choices import METRICS
+
 __all__ = [
     "DEFAULT_METRIC",
     "METRICS",
@@ -45,9 +49,6 @@ __all__ = [
     "select_metric",
     "tune_threshold",
 ]
-
-METRICS = ("f1", "accuracy")
-"""Metrics ``tune_threshold`` can maximise (and early stopping can monitor)."""
 
 DEFAULT_METRIC = {"toxicity": "f1", "safety": "f1", "sentiment": "accuracy", "emotion": "accuracy"}
 """Per task family, the paper's model-selection metric: F1 for safety, accuracy for sentiment."""

@@ -59,8 +59,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-POOLS = ("mean", "max")
-NORMS = ("none", "rms")
+from .choices import NORMS, POOLS  # noqa: F401  (defined there: the CLI's --help names them without torch)
+
 FORMAT_VERSION = "1"
 _CONFIG_KEY = "probecache.probe_config"
 _RMS_EPS = 1e-6

@@ -30,6 +30,7 @@ from probecache.store.header import label_name_mismatch
 from probecache.store.reader import Store
 
 from . import baselines
+from .choices import ALL_PROBES, BASELINES, READOUTS  # noqa: F401  (defined there: the CLI's --help names them)
 from .data import Splits, SplitSpec, batch_source, resolve_splits, split_counts, split_examples
 from .loaders import load_pooled
 from .metrics import metric_for
@@ -48,9 +49,6 @@ from .runs import (
 from .sweep import Grid, expand_grid, run_sweep
 from .trainer import evaluate, predict, select_threshold, variant_record
 
-BASELINES = ("linear", "muli", "tfidf")
-ALL_PROBES = (*PROBES, *BASELINES)
-READOUTS = ("mean", "last")
 DEFAULT_CS = (0.01, 0.1, 1.0, 10.0)
 
 

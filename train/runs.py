@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import time
@@ -31,12 +30,9 @@ from probecache.manifests.schema import committed_part_files
 from probecache.store.integrity import file_crc32c
 from probecache.store.reader import Store
 
-DEFAULT_RUNS_DIR = "runs"
+from .choices import DEFAULT_RUNS_DIR, default_runs_dir  # noqa: F401  (defined there: the CLI imports them light)
+
 RUN_FILES = ("config.json", "metrics.json")
-
-
-def default_runs_dir() -> str:
-    return os.environ.get("PROBECACHE_RUNS") or DEFAULT_RUNS_DIR
 
 
 def new_run_dir(runs_dir: str | Path, probe: str, dataset: str) -> Path:

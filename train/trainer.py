@@ -32,11 +32,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .choices import CLASS_WEIGHTS  # defined there: the CLI's --help names it without torch
 from .loaders import Batch
 from .metrics import compute_metrics, tune_threshold
 from .probes import Probe, ProbeConfig, build_probe
-
-CLASS_WEIGHTS = ("none", "balanced")
 
 
 @dataclass(frozen=True)
