@@ -79,12 +79,13 @@ def test_cancel_one_array_task_then_resubmit_it(slurm_cluster, sbatch, wait_for_
 
 
 def test_requeue_restarts_a_running_job(slurm_cluster, sbatch, wait_for_jobs, tmp_path):
-    # Every start appends a line; only the first start lingers (up to 30 s) so it can be requeued while
-    # running. Note: a requeued job waits AuthInfo=cred_expire (10 s in slurm-up.sh; Slurm's default is
-    # 120 s) in PENDING/BeginTime before it may start again.
+    # Every start appends a line; only the first start lingers, until the requeue kills it (bounded at 300 s so
+    # a broken requeue fails the test instead of hanging it; a fixed sleep raced the kill on a busy machine).
+    # Note: a requeued job waits AuthInfo=cred_expire (10 s in slurm-up.sh; Slurm's default is 120 s) in
+    # PENDING/BeginTime before it may start again.
     script = (
         'echo "${SLURM_RESTART_COUNT:-0}" >> starts; '
-        'if [ "$(wc -l < starts)" -eq 1 ]; then sleep 30; fi; echo done >> finished'
+        'if [ "$(wc -l < starts)" -eq 1 ]; then for i in $(seq 300); do sleep 1; done; fi; echo done >> finished'
     )
     job = sbatch("--requeue", "--job-name=pc-smoke-requeue", f"--chdir={tmp_path}",
                  f"--output={tmp_path}/out-%j.txt", "--open-mode=append", "--wrap", script)
