@@ -11,8 +11,9 @@ Decisions:
 
 - Binds to 127.0.0.1 by default: there is no authentication; put a real gateway in front before exposing it.
 - Every answer is JSON, errors included (``{"error": "..."}``): 400 bad request, 404 unknown path, 411 no
-  Content-Length, 413 too large (body, text, or prompt longer than a probe reads), 500 a bug, 501 another
-  method, 503 overloaded (with ``Retry-After``). The stdlib's own error pages are replaced by the same JSON.
+  Content-Length, 413 too large (body, text, or prompt longer than a probe reads), 500 a bug, 405 a known path
+  with another method (with ``Allow``), 503 overloaded (with ``Retry-After``). The stdlib's own error pages are
+  replaced by the same JSON. Routing looks at the path only: a query string or a trailing slash is ignored.
 - A prompt longer than a served probe reads (its store's ``max_tokens``) is refused with 413 unless truncation was
   asked for: a guardrail that reads only a prefix is bypassed by padding the prompt. ``"truncate": true`` opts in
   on /classify; on /generate only when the server has no ``--refuse-on`` rules of its own (or was started with
@@ -47,6 +48,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from .errors import PromptTooLong
 from .limits import MAX_JSON_DEPTH, too_deep
@@ -59,6 +61,7 @@ MAX_BODY_BYTES = 1 << 20
 MAX_TEXTS = 64
 MAX_NEW_TOKENS = 512
 MAX_CHARS = 65_536  # per text: a 300k-character prompt held a CPU model for 77 s
+METHODS = {"/health": "GET, HEAD", "/classify": "POST", "/generate": "POST"}  # path -> the Allow header
 DRAIN_BYTES = 16 << 20  # an oversized body up to this size is read and dropped, so that the client reads its 413
 LINGER_SECONDS = 2.0  # after answering a request whose body was not read: how long to read and drop the rest
 _CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
@@ -309,12 +312,39 @@ class _Handler(BaseHTTPRequestHandler):
             self.request_version = "HTTP/1.0"
         self._send(code, {"error": message or HTTPStatus(code).phrase})
 
+    def _route(self) -> str:
+        """The request's path without query string, fragment or trailing slash: what routing looks at."""
+        return urlsplit(self.path).path.rstrip("/") or "/"
+
+    def _no_such_route(self, path: str) -> None:
+        """404 for an unknown path; 405 with ``Allow`` for a known path asked with another method."""
+        self._discard_body()
+        allowed = METHODS.get(path)
+        if allowed is None:
+            self._send(HTTPStatus.NOT_FOUND, {"error": f"unknown path {path}: GET /health, POST /classify, "
+                                                       "POST /generate"})
+        else:
+            self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{self.command} {path} is not served: use "
+                                                                f"{allowed} {path}"}, {"Allow": allowed})
+
+    def _discard_body(self) -> None:
+        length = self._length()
+        self._discard(length or 0)
+        if length is None or length > DRAIN_BYTES:
+            self.close_connection = self.unread = True
+
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-        if self.path.rstrip("/") == "/health":
+        if self._route() == "/health":
             self._send(HTTPStatus.OK, self.server.health())
         else:
-            self._send(HTTPStatus.NOT_FOUND, {"error": f"unknown path {self.path}: GET /health, POST /classify, "
-                                                       f"POST /generate"})
+            self._no_such_route(self._route())
+
+    do_HEAD = do_GET  # noqa: N815 - the stdlib's name; _send writes no body for HEAD
+
+    def _other_method(self) -> None:
+        self._no_such_route(self._route())
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _other_method  # noqa: N815
 
     def _length(self) -> int | None:
         """The body's Content-Length; None when absent or not a number."""
@@ -384,13 +414,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         routes = {"/classify": self.server.plan_classify, "/generate": self.server.plan_generate}
-        route = routes.get(self.path.rstrip("/"))
+        route = routes.get(self._route())
         if route is None:
-            length = self._length()
-            self._discard(length or 0)
-            if length is None or length > DRAIN_BYTES:
-                self.close_connection = self.unread = True
-            self._send(HTTPStatus.NOT_FOUND, {"error": f"unknown path {self.path}: POST /classify or /generate"})
+            self._no_such_route(self._route())
             return
         body = self._read_body()
         if body is None:

@@ -199,7 +199,8 @@ def raw_exchange(server, data: bytes) -> tuple[int, dict]:
 def test_every_error_status_has_a_json_body(probed32, serve):
     server = serve(probed32)
     cases = [
-        (b"PUT /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 501),  # body unread: lingers
+        (b"PUT /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 405),
+        (b"BREW /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 501),  # body unread: lingers
         (b"GARBAGE\r\n\r\n", 400),
         (b"POST /classify HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # no Content-Length
         (b"POST /classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 411),
@@ -210,6 +211,22 @@ def test_every_error_status_has_a_json_body(probed32, serve):
     for data, want in cases:
         status, body = raw_exchange(server, data)
         assert status == want and isinstance(body["error"], str) and body["error"], (data[:40], status, body)
+
+
+def test_methods_and_query_strings(probed32, serve):
+    """A known path with another method is 405 naming what is allowed; routing ignores query strings."""
+    server = serve(probed32)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    for method, path, allow in (("GET", "/classify", "POST"), ("DELETE", "/generate", "POST"),
+                                ("POST", "/health", "GET, HEAD")):
+        status, headers, body = request(url + path, payload={} if method == "POST" else None, method=method)
+        assert status == 405 and headers["Allow"] == allow and method in body["error"], (method, path, body)
+    status, _, body = request(url + "/health?verbose=1", method="GET")
+    assert status == 200 and body["status"] == "ok"
+    status, _, body = request(url + "/classify/?trace=1", payload={"text": "good film"})
+    assert status == 200 and len(body["results"]) == 1
+    status, _, body = request(url + "/nowhere?x=1", method="GET")
+    assert status == 404 and "unknown path /nowhere" in body["error"]
 
 
 # ---- load: a bounded queue, 503 with Retry-After, never a reset ------------------------------------------------
