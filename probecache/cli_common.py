@@ -27,6 +27,14 @@ def __getattr__(name: str):
 
 
 def fail(error: Exception) -> None:
+    """A user error as one line on stderr, exit code 2; with PROBECACHE_DEBUG=1 its traceback first (to see
+    where an error that looks like the user's really came from)."""
+    import os
+
+    if os.environ.get("PROBECACHE_DEBUG", "") not in ("", "0"):
+        import traceback
+
+        typer.echo("".join(traceback.format_exception(error)).rstrip(), err=True)
     typer.echo(f"error: {error}", err=True)
     raise typer.Exit(2)
 

@@ -116,3 +116,17 @@ def test_the_help_vocabularies_match_the_stage():
 
     assert tuple(PROBES) == PROBE_KINDS
     assert ALL_PROBES == (*PROBES, *BASELINES)
+
+
+def test_probecache_debug_shows_the_traceback_of_a_user_error(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from probecache.cli import app
+
+    missing = str(tmp_path / "nope")
+    quiet = CliRunner().invoke(app, ["store", "info", missing])
+    assert quiet.exit_code == 2 and "Traceback" not in quiet.output
+    monkeypatch.setenv("PROBECACHE_DEBUG", "1")
+    loud = CliRunner().invoke(app, ["store", "info", missing])
+    assert loud.exit_code == 2 and "Traceback" in loud.stderr and loud.stderr.strip().splitlines()[-1].startswith(
+        "error: ")
