@@ -170,3 +170,27 @@ def one_line_error():
         return err
 
     return check
+
+
+@pytest.fixture(scope="session")
+def assert_same_store():
+    """``assert_same_store(store, reference, n_examples=None)``: `store verify` clean, every example of the
+    reference exactly once (``n_examples`` of them when given), every hidden and mean value torch.equal."""
+
+    def check(store_path: Path, reference_path: Path, n_examples: int | None = None) -> None:
+        from probecache.store.verify import verify_store
+
+        from probecache import open_store
+
+        report = verify_store(store_path)
+        assert report.ok, report.problems
+        store, reference = open_store(store_path), open_store(reference_path)
+        ids = store.manifest(columns=["example_id"])["example_id"].to_pylist()
+        expected = reference.manifest(columns=["example_id"])["example_id"].to_pylist()
+        assert len(ids) == len(set(ids)) and sorted(ids) == sorted(expected)  # each example exactly once
+        assert n_examples is None or len(ids) == n_examples
+        for eid in expected:
+            assert torch.equal(store.hidden(eid), reference.hidden(eid)), eid
+        assert torch.equal(store.mean(expected), reference.mean(expected))
+
+    return check

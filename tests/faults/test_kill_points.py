@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 from probecache.store.verify import verify_store
 
 from probecache import open_store
@@ -51,20 +50,8 @@ def _store_path(root: Path) -> Path:
     return store
 
 
-def _assert_same_as_reference(store_path: Path, reference_path: Path) -> None:
-    report = verify_store(store_path)
-    assert report.ok, report.problems
-    store, reference = open_store(store_path), open_store(reference_path)
-    ids = store.manifest(columns=["example_id"])["example_id"].to_pylist()
-    expected = reference.manifest(columns=["example_id"])["example_id"].to_pylist()
-    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(expected)  # each example exactly once
-    for eid in expected:
-        assert torch.equal(store.hidden(eid), reference.hidden(eid)), eid
-    assert torch.equal(store.mean(expected), reference.mean(expected))
-
-
 @pytest.mark.parametrize("point,nth", KILL_POINTS, ids=[p for p, _ in KILL_POINTS])
-def test_kill_then_rerun_gives_the_uninterrupted_store(point, nth, tiny_model, tiny_csv, tmp_path):
+def test_kill_then_rerun_gives_the_uninterrupted_store(assert_same_store, point, nth, tiny_model, tiny_csv, tmp_path):
     reference_root, root = tmp_path / "reference", tmp_path / "killed"
     assert _cli(_args(tiny_model, tiny_csv, reference_root)).returncode == 0
     killed = _cli(_args(tiny_model, tiny_csv, root), {"PROBECACHE_CRASH_AT": f"{point}:{nth}"})
@@ -79,14 +66,14 @@ def test_kill_then_rerun_gives_the_uninterrupted_store(point, nth, tiny_model, t
             partial.hidden(eid)
     rerun = _cli(_args(tiny_model, tiny_csv, root))
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    _assert_same_as_reference(store, _store_path(reference_root))
+    assert_same_store(store, _store_path(reference_root))
     gc = _cli(["store", "gc", str(store), "--older-than", "0"])
     assert gc.returncode == 0, gc.stderr
-    _assert_same_as_reference(store, _store_path(reference_root))
+    assert_same_store(store, _store_path(reference_root))
     assert not [p for p in (store / "manifests").iterdir() if p.name.startswith(".")]  # temp files gone too
 
 
-def test_kill_during_gc_then_gc_again(tiny_model, tiny_csv, tmp_path):
+def test_kill_during_gc_then_gc_again(assert_same_store, tiny_model, tiny_csv, tmp_path):
     reference_root, root = tmp_path / "reference", tmp_path / "store"
     assert _cli(_args(tiny_model, tiny_csv, reference_root)).returncode == 0
     for nth in (1, 2):  # two dead attempts -> two orphan segments
@@ -96,14 +83,14 @@ def test_kill_during_gc_then_gc_again(tiny_model, tiny_csv, tmp_path):
     store = _store_path(root)
     killed = _cli(["store", "gc", str(store), "--older-than", "0"], {"PROBECACHE_CRASH_AT": "gc-delete:1"})
     assert killed.returncode == -9
-    _assert_same_as_reference(store, _store_path(reference_root))  # a half-done gc never hurts readers
+    assert_same_store(store, _store_path(reference_root))  # a half-done gc never hurts readers
     assert _cli(["store", "gc", str(store), "--older-than", "0"]).returncode == 0
     referenced = {open_store(store).manifest()["segment"][i].as_py() for i in range(30)}
     assert {p.name for p in (store / "segments").iterdir()} == referenced  # orphans and leftovers gone
-    _assert_same_as_reference(store, _store_path(reference_root))
+    assert_same_store(store, _store_path(reference_root))
 
 
-def test_four_overlapping_extractors_commit_each_shard_once(tiny_model, tiny_csv, tmp_path):
+def test_four_overlapping_extractors_commit_each_shard_once(assert_same_store, tiny_model, tiny_csv, tmp_path):
     reference_root, root = tmp_path / "reference", tmp_path / "shared"
     assert _cli(_args(tiny_model, tiny_csv, reference_root)).returncode == 0
     variants = [[], ["--task-index", "0", "--num-tasks", "2"], ["--task-index", "1", "--num-tasks", "2"],
@@ -113,7 +100,7 @@ def test_four_overlapping_extractors_commit_each_shard_once(tiny_model, tiny_csv
     assert all(r.returncode == 0 for r in results), [r.stderr[-1000:] for r in results]
     store = _store_path(root)
     assert len(list((store / "manifests").glob("part-*.parquet"))) == 4
-    _assert_same_as_reference(store, _store_path(reference_root))
+    assert_same_store(store, _store_path(reference_root))
 
 
 def test_full_disk_is_a_clear_error_and_leaves_readers_consistent(tiny_model, tiny_csv, tmp_path):

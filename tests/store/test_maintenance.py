@@ -433,23 +433,6 @@ def test_a_stray_part_copy_is_ignored_by_readers_and_noted_by_verify(store):
 # ---- gc that cannot lose data (issue 15): leases, checks before commit, refusals, reserved names, repair -------
 
 
-def _assert_whole(store: Path, reference: Path) -> None:
-    """verify clean, every planned example exactly once, every value equal to an undisturbed run's."""
-    import torch
-
-    from probecache import open_store
-
-    report = verify_store(store)
-    assert report.ok, report.problems
-    got, want = open_store(store), open_store(reference)
-    ids = got.manifest(columns=["example_id"])["example_id"].to_pylist()
-    expected = want.manifest(columns=["example_id"])["example_id"].to_pylist()
-    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(expected) and len(ids) == 30
-    for eid in expected:
-        assert torch.equal(got.hidden(eid), want.hidden(eid)), eid
-    assert torch.equal(got.mean(expected), want.mean(expected))
-
-
 def _reference_copy(store: Path, tmp_path: Path) -> Path:
     """An untouched copy of a freshly extracted store (same folder name: the store id)."""
     reference = tmp_path / "reference" / store.name
@@ -470,7 +453,8 @@ def _hook_crash_point(monkeypatch, hook) -> None:
     monkeypatch.setattr(shard_module, "crash_point", point)
 
 
-def test_gc_during_a_running_extract_keeps_the_segment_being_written(store, extract_config, tmp_path, monkeypatch):
+def test_gc_during_a_running_extract_keeps_the_segment_being_written(assert_same_store,
+                                                                     store, extract_config, tmp_path, monkeypatch):
     """The issue's bug: `gc --older-than 0` while a shard is written deleted it; the extract then committed a part
     pointing at nothing. Now the attempt's lease keeps gc away, whatever --older-than says."""
     root = tmp_path / "racing"
@@ -486,11 +470,12 @@ def test_gc_during_a_running_extract_keeps_the_segment_being_written(store, extr
     leased = {k.path for report in reports for k in report.kept if (k.reason or "").startswith("lease")}
     assert len(leased) == 4  # every shard's attempt was seen in flight, and kept for its lease
     assert not (result.store_path / "leases").exists() or not list((result.store_path / "leases").iterdir())
-    _assert_whole(result.store_path, store)
+    assert_same_store(result.store_path, store, 30)
 
 
 @pytest.mark.parametrize("damage", ["segment deleted", "chunk deleted", "chunk truncated", "deleted mid-write"])
-def test_a_segment_damaged_before_its_commit_is_written_again(damage, store, extract_config, tmp_path, monkeypatch,
+def test_a_segment_damaged_before_its_commit_is_written_again(assert_same_store,
+                                                              damage, store, extract_config, tmp_path, monkeypatch,
                                                               capfd):
     root = tmp_path / "damaged"
     hit, appended = [], []
@@ -522,7 +507,7 @@ def test_a_segment_damaged_before_its_commit_is_written_again(damage, store, ext
     assert result.totals.shards == 4
     assert "shard 0: its segment was deleted or changed while it was being written" in capfd.readouterr().err
     assert hit[0] not in set(pq.read_table(_part(result.store_path, 0))["segment"].to_pylist())
-    _assert_whole(result.store_path, store)
+    assert_same_store(result.store_path, store, 30)
 
 
 def test_a_shard_whose_segment_keeps_vanishing_fails_with_one_line(extract_config, tmp_path, monkeypatch):
@@ -606,7 +591,8 @@ def test_a_lease_whose_holder_died_on_this_machine_is_stale_at_once(store):
     assert {r.kind for r in report.removed} == {"segment", "lease"} and not orphan.exists()
 
 
-def test_gc_refuses_a_store_whose_manifests_were_deleted_and_a_rerun_repairs_it(store, extract_config, tmp_path,
+def test_gc_refuses_a_store_whose_manifests_were_deleted_and_a_rerun_repairs_it(assert_same_store,
+                                                                                store, extract_config, tmp_path,
                                                                                 one_line_error):
     reference = _reference_copy(store, tmp_path)
     segments = set(os.listdir(store / "segments"))
@@ -619,12 +605,13 @@ def test_gc_refuses_a_store_whose_manifests_were_deleted_and_a_rerun_repairs_it(
     one_line_error(runner.invoke(app, ["store", "gc", str(store), "--older-than", "0"]), "manifests/ is missing")
     assert set(os.listdir(store / "segments")) == segments
     assert extract(extract_config()).shards_run == 4  # every shard again: the old segments are orphans now
-    _assert_whole(store, reference)
+    assert_same_store(store, reference, 30)
     assert {r.path for r in gc_store(store, older_than_seconds=0).removed if r.kind == "segment"} == {
         f"segments/{s}" for s in segments}
 
 
-def test_gc_refuses_a_part_overwritten_by_another_and_a_rerun_repairs_it(store, extract_config, tmp_path):
+def test_gc_refuses_a_part_overwritten_by_another_and_a_rerun_repairs_it(assert_same_store,
+                                                                         store, extract_config, tmp_path):
     reference = _reference_copy(store, tmp_path)
     real = _segment(store, 2)
     shutil.copy(_part(store, 1), _part(store, 2))  # shard 2's commit record now says shard 1
@@ -635,11 +622,12 @@ def test_gc_refuses_a_part_overwritten_by_another_and_a_rerun_repairs_it(store, 
     result = extract(extract_config())
     assert not result.cache_hit and result.shards_run == 1
     assert [p.name.split("-")[3] for p in (store / "manifests").glob(".probecache-broken-part-*")] == ["00002"]
-    _assert_whole(store, reference)
+    assert_same_store(store, reference, 30)
 
 
 @pytest.mark.parametrize("damage", ["segment deleted", "hidden chunk deleted", "mean chunk truncated"])
-def test_a_rerun_repairs_a_part_whose_segment_is_missing_or_incomplete(damage, store, extract_config, tmp_path):
+def test_a_rerun_repairs_a_part_whose_segment_is_missing_or_incomplete(assert_same_store,
+                                                                       damage, store, extract_config, tmp_path):
     reference = _reference_copy(store, tmp_path)
     segment = _segment(store, 2)
     if damage == "segment deleted":
@@ -659,7 +647,7 @@ def test_a_rerun_repairs_a_part_whose_segment_is_missing_or_incomplete(damage, s
     (moved,) = (store / "manifests").glob(".probecache-broken-part-00002-*.parquet")
     assert pq.read_table(moved)["segment"][0].as_py() == segment.name  # the old record, kept for inspection
     assert any("set aside" in n for n in verify_store(store).notes)
-    _assert_whole(store, reference)
+    assert_same_store(store, reference, 30)
     removed = {r.kind for r in gc_store(store, older_than_seconds=0).removed}
     assert "broken-part" in removed and not moved.exists() and verify_store(store).notes == []
     assert extract(extract_config()).cache_hit
@@ -761,7 +749,8 @@ def _holder_of_a_dead_process() -> dict:
 
 @pytest.mark.parametrize("fixer", ["gc", "extract"])
 @pytest.mark.parametrize("prefix", [".probecache-deleting-", ".deleting-"])
-def test_a_committed_segment_left_half_deleted_by_a_killed_gc_is_put_back(prefix, fixer, store, extract_config,
+def test_a_committed_segment_left_half_deleted_by_a_killed_gc_is_put_back(assert_same_store,
+                                                                          prefix, fixer, store, extract_config,
                                                                           tmp_path):
     """A gc killed between its rename and its second look, while a writer committed that very segment."""
     reference = _reference_copy(store, tmp_path)
@@ -773,4 +762,4 @@ def test_a_committed_segment_left_half_deleted_by_a_killed_gc_is_put_back(prefix
     else:
         assert extract(extract_config()).cache_hit  # put back, not extracted again
     assert segment.is_dir()
-    _assert_whole(store, reference)
+    assert_same_store(store, reference, 30)
