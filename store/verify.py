@@ -25,9 +25,9 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from probecache.manifests.schema import ManifestError, read_part
+from probecache.manifests.schema import ManifestError, has_digest, read_part
 
-from .header import label_name_mismatch
+from .header import SEAL, label_name_mismatch
 from .integrity import file_crc32c, plan_digest
 from .layout import StoreLayout
 from .status import open_layout, parse_segment, part_files, segment_attempts
@@ -79,6 +79,7 @@ def verify_store(path: str | Path, workers: int = 8, checksums: bool = True) -> 
         note_example_ids(ids, part.name, first_seen, duplicates)
     if duplicates:
         report.problems.append(f"{len(duplicates)} example ids are committed twice: {_some(duplicates)}")
+    _note_unsealed(info, parts, report.notes.append)
 
     # the expensive part: every recorded byte, read back and checksummed (or, structurally, every size)
     check = _check_file if checksums else _check_size
@@ -123,6 +124,23 @@ def _name_the_repair(layout: StoreLayout, parts: dict[int, Path], note: Callable
         note(f"{len(broken)} committed shards ({_some([str(s) for s in broken])}) have a missing, incomplete or "
              "damaged commit record or segment: rerun the extract command: it moves those records aside to "
              "manifests/.probecache-broken-part-* and extracts the shards again")
+
+
+def _note_unsealed(info: dict, parts: dict[int, Path], note: Callable[[str], None]) -> None:
+    """Stores written before store.json's seal and the parts' digests are read, but with fewer checks: say so."""
+    if SEAL not in info:
+        note("store.json carries no checksum (written before probecache sealed headers): readers cross-check its "
+             "fields against the arrays, but a hand edit of other fields goes unnoticed")
+    unsealed = sorted(p.name for p in parts.values() if not _has_digest(p))
+    if unsealed:
+        note(f"{len(unsealed)} parts carry no content digest (written before digests existed): {_some(unsealed)}")
+
+
+def _has_digest(part: Path) -> bool:
+    try:
+        return has_digest(part)
+    except Exception:  # an unreadable part is reported as a problem by _check_part
+        return True
 
 
 def _check_part_names(layout: StoreLayout, parts: dict[int, Path], note: Callable[[str], None]) -> None:

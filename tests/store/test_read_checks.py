@@ -150,3 +150,20 @@ def test_store_ls_lists_a_damaged_store_instead_of_failing(intact, tmp_path):
     assert "damaged" not in listed[intact.name] and "store.json is damaged" in listed["broken-copy"]["damaged"]
     result = CliRunner().invoke(app, ["store", "ls", str(root)])
     assert result.exit_code == 0 and "damaged" in result.stdout and intact.name in result.stdout, result.output
+
+
+def test_verify_notes_a_store_from_before_the_seals(store):
+    from probecache.store.verify import verify_store
+
+    assert not any("checksum" in n or "digest" in n for n in verify_store(store).notes)
+    info = json.loads((store / "store.json").read_text())
+    del info[SEAL]
+    (store / "store.json").write_text(json.dumps(info))
+    part = store / "manifests" / "part-00000.parquet"
+    table = pq.read_table(part)
+    pq.write_table(table.replace_schema_metadata(
+        {k: v for k, v in table.schema.metadata.items() if k != DIGEST_KEY}), part)
+    report = verify_store(store)
+    assert report.ok, report.problems
+    assert any("store.json carries no checksum" in n for n in report.notes)
+    assert any("1 parts carry no content digest" in n for n in report.notes)
