@@ -73,8 +73,7 @@ def segment_pass(store, segments: list[str]) -> tuple[float, int]:
     """Every listed segment's hidden read whole: (seconds, decoded bytes)."""
     started, total = time.perf_counter(), 0
     for segment in segments:
-        hidden = store._group(segment)["hidden"]
-        total += int(hidden[:, : hidden.shape[1]].nbytes)
+        total += int(store.read_tokens(segment, decode=False).nbytes)
     return time.perf_counter() - started, total
 
 

@@ -48,7 +48,7 @@ def raw_decode_seconds(store, split: str) -> tuple[float, int]:
     started = time.perf_counter()
     tokens = 0
     for seg, (lo, hi) in ranges.items():
-        block = np.asarray(store._group(seg)["hidden"][:, lo:hi])  # (L1, hi - lo, d)
+        block = store.read_tokens(seg, lo, hi, decode=False)  # (L1, hi - lo, d)
         tokens += block.shape[1]
     return time.perf_counter() - started, tokens
 

@@ -33,10 +33,9 @@ from probecache.manifests.schema import (
 from .codecs import from_storage, storage_dtype
 from .errors import StoreError
 from .header import label_name_mismatch, read_header
+from .layers import Layers, layer_runs, select_layers
 from .layout import StoreLayout
 from .verified import CheckedFiles, FileRecord, VerifiedSegmentStore
-
-Layers = int | slice | Sequence[int] | None
 
 
 def open_store(path_or_url: str | Path, cache_size: str | int | None = None) -> Store:
@@ -185,13 +184,50 @@ class Store:
                              f"but segment {segment} holds {got[1]} ({got[0]}) values, {got[2]} layers of width "
                              f"{got[3]}: store.json was edited or damaged; restore it from a copy")
 
-    # ---- arrays -----------------------------------------------------------------------------------
+    # ---- arrays: the public read API (training, benchmarks and users read through these) -------------------
+
+    def select_layers(self, layers: Layers = None) -> list[int]:
+        """A layer selection in the one grammar of store/layers.py (None, int, slice, list, "0-4,20,-1") as
+        indices into this store's L+1 layers (0 = embedding output, L = final-norm output)."""
+        return select_layers(layers, self.n_layers)
+
+    def segments(self, split: str | Iterable[str] | None = None) -> list[str]:
+        """The committed segments (one per shard) holding examples of ``split``, in storage order."""
+        return list(dict.fromkeys(self.manifest(split=split, columns=["segment"])["segment"].to_pylist()))
+
+    def segment_array(self, segment: str, name: str = "hidden") -> zarr.Array:
+        """A committed segment's zarr array (``hidden``, ``mean``, ``last``, ``logits``), read through its commit
+        record: every file is checked before zarr decodes it. Values are stored values (bf16 as uint16 bits)."""
+        group = self._group(segment)
+        if name not in group:
+            raise StoreError(f"segment {segment} of store {self.store_id} has no array {name!r} (it has: "
+                             f"{', '.join(sorted(group.array_keys()))})")
+        return group[name]
+
+    def read_tokens(self, segment: str, start: int = 0, stop: int | None = None, layers: Layers = None,
+                    decode: bool = True) -> torch.Tensor | np.ndarray:
+        """Tokens [start, stop) of a committed segment's ``hidden`` array (the manifest's ``token_offset`` and
+        ``n_tokens`` locate an example there; ``stop=None``: to the end): (L', stop - start, d). One contiguous
+        read per run of consecutive layers. ``decode=False`` returns the stored numpy values (bf16 as uint16
+        bits; decode later with ``store.codecs.from_storage``), e.g. to hold them compactly in a buffer."""
+        array = self.segment_array(segment, "hidden")
+        block = self._read_runs(lambda sl: array[sl, start:stop], layers, axis=0)
+        return from_storage(block, self.logical_dtype) if decode else block
+
+    def read_pooled(self, segment: str, kind: str = "mean", layers: Layers = None,
+                    decode: bool = True) -> torch.Tensor | np.ndarray:
+        """A committed segment's per-example ``mean`` (float32) or ``last`` (logical dtype) array, every row
+        (the manifest's ``row`` indexes it): (rows, L', d)."""
+        if kind not in ("mean", "last"):
+            raise StoreError(f"pooled tier {kind!r}: use 'mean' or 'last'")
+        array = self.segment_array(segment, kind)
+        block = self._read_runs(lambda sl: array[:, sl], layers, axis=1)
+        return from_storage(block, self._tier_dtype(kind)) if decode else block
 
     def hidden(self, example_id: str, layers: Layers = None) -> torch.Tensor:
         """All kept tokens of one example: (n_layers_selected, n_tokens, d) in the logical dtype."""
         segment, offset, n, _ = self._locate(example_id)
-        array = self._group(segment)["hidden"]
-        return self._read_layers(lambda sl: array[sl, offset : offset + n], layers, self.logical_dtype)
+        return self.read_tokens(segment, offset, offset + n, layers)
 
     def mean(self, example_ids: Sequence[str] | None = None, layers: Layers = None) -> torch.Tensor:
         """Per-example mean over tokens: (N, n_layers_selected, d) float32, in manifest order by default."""
@@ -207,6 +243,18 @@ class Store:
             raise StoreError(f"store {self.store_id} has no logits: re-extract with --logits")
         return self._per_example("logits", example_ids, None)
 
+    def token_ids(self, example_id: str) -> torch.Tensor:
+        """The kept token ids of one example, aligned with the token axis of ``hidden(example_id)``: (n_tokens,)
+        int32. Needs a store extracted with --store-token-ids (off by default: ids decode back to the text)."""
+        if not self.info["capture"].get("token_ids"):
+            raise StoreError(f"store {self.store_id} has no token ids: re-extract with --store-token-ids")
+        segment, offset, n, _ = self._locate(example_id)
+        ids = self._group(segment)["token_ids"][offset : offset + n]  # (n,) int32, checked against the record
+        return torch.from_numpy(np.ascontiguousarray(ids))
+
+    def _tier_dtype(self, name: str) -> str:
+        return "float32" if name == "mean" else self.logical_dtype
+
     def _per_example(self, name: str, example_ids: Sequence[str] | None, layers: Layers) -> torch.Tensor:
         if example_ids is None:
             example_ids = self.manifest(columns=["example_id"])["example_id"].to_pylist()
@@ -214,16 +262,16 @@ class Store:
         for position, eid in enumerate(example_ids):
             segment, _, _, row = self._locate(eid)
             by_segment.setdefault(segment, []).append((position, row))
-        logical = "float32" if name == "mean" else self.logical_dtype
         parts: list[tuple[list[int], torch.Tensor]] = []
         for segment, items in by_segment.items():
             array = self._group(segment)[name]
             rows = np.array([row for _, row in items])
             lo, hi = int(rows.min()), int(rows.max()) + 1
             if name == "logits":
-                block = from_storage(array[lo:hi], logical)  # (rows, V)
-            else:  # (rows, layers, d)
-                block = self._read_layers(partial(_rows_then_layers, array, lo, hi), layers, logical, axis=1)
+                stored = array[lo:hi]  # (rows, V)
+            else:
+                stored = self._read_runs(partial(_rows_then_layers, array, lo, hi), layers, axis=1)  # (rows, L', d)
+            block = from_storage(stored, self._tier_dtype(name))
             parts.append(([p for p, _ in items], block[torch.from_numpy(rows - lo)]))
         if not parts:
             return torch.empty(0)
@@ -232,25 +280,12 @@ class Store:
             out[torch.tensor(positions)] = block
         return out
 
-    def _read_layers(self, read, layers: Layers, logical: str, axis: int = 0) -> torch.Tensor:
-        """Read a layer selection as contiguous slices (one read per run of consecutive layers)."""
+    def _read_runs(self, read, layers: Layers, axis: int) -> np.ndarray:
+        """``read(layer_slice)`` once per run of consecutive selected layers, joined on ``axis`` (stored values)."""
         if layers is None:
-            return from_storage(read(slice(None)), logical)
-        if isinstance(layers, slice):
-            return from_storage(read(layers), logical)
-        if isinstance(layers, int):
-            layers = [layers]
-        layers = [layer + self.n_layers if layer < 0 else layer for layer in layers]
-        if any(not 0 <= layer < self.n_layers for layer in layers):
-            raise StoreError(f"layers {layers} out of range: this store has layers 0..{self.n_layers - 1}")
-        runs: list[list[int]] = []
-        for layer in layers:
-            if runs and layer == runs[-1][-1] + 1:
-                runs[-1].append(layer)
-            else:
-                runs.append([layer])
-        blocks = [from_storage(read(slice(r[0], r[-1] + 1)), logical) for r in runs]
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=axis)
+            return np.asarray(read(slice(None)))
+        blocks = [np.asarray(read(run)) for run in layer_runs(self.select_layers(layers))]
+        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=axis)
 
     # ---- summary ----------------------------------------------------------------------------------
 

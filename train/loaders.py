@@ -26,9 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from probecache.store.codecs import LOGICAL_DTYPES, from_storage
+from probecache.store.layers import Layers
 from probecache.store.reader import Store, open_store
-
-Layers = int | slice | Sequence[int] | None
 
 _MANIFEST_COLUMNS = ["example_id", "label", "n_tokens", "segment", "token_offset", "row"]
 
@@ -38,39 +37,6 @@ _MANIFEST_COLUMNS = ["example_id", "label", "n_tokens", "segment", "token_offset
 
 def _as_store(store: Store | str | Path) -> Store:
     return store if isinstance(store, Store) else open_store(store)
-
-
-def _normalize_layers(store: Store, layers: Layers) -> list[int]:
-    n = store.n_layers
-    if layers is None:
-        return list(range(n))
-    if isinstance(layers, slice):
-        return list(range(n))[layers]
-    if isinstance(layers, int):
-        layers = [layers]
-    out = [int(layer) + n if int(layer) < 0 else int(layer) for layer in layers]
-    if not out:
-        raise ValueError("layers is empty: pass None for every layer")
-    if any(not 0 <= layer < n for layer in out):
-        raise ValueError(f"layers {list(layers)} out of range: this store has layers 0..{n - 1}")
-    return out
-
-
-def _layer_runs(layers: list[int]) -> list[slice]:
-    """Consecutive runs of a layer list as slices: [0, 2, 3] -> [0:1, 2:4]."""
-    runs: list[list[int]] = []
-    for layer in layers:
-        if runs and layer == runs[-1][1]:
-            runs[-1][1] += 1
-        else:
-            runs.append([layer, layer + 1])
-    return [slice(a, b) for a, b in runs]
-
-
-def _read_runs(read, runs: list[slice], axis: int) -> np.ndarray:
-    """One read per run of consecutive layers, concatenated on the layer axis (stored numpy dtype)."""
-    blocks = [np.asarray(read(run)) for run in runs]
-    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=axis)
 
 
 def _labels(column) -> torch.Tensor:
@@ -114,16 +80,13 @@ def load_pooled(store: Store | str | Path, split: str | Sequence[str] | None, ki
         raise ValueError(f"kind must be 'mean' or 'last', not {kind!r}")
     store = _as_store(store)
     table = _split_manifest(store, split, ids)
-    layer_list = _normalize_layers(store, layers)
-    runs = _layer_runs(layer_list)
-    logical = "float32" if kind == "mean" else store.logical_dtype
+    layer_list = store.select_layers(layers)
     segments = table["segment"].to_pylist()
     rows = np.asarray(table["row"].to_pylist(), dtype=np.int64)
     x = torch.empty((table.num_rows, len(layer_list), store.hidden_size), dtype=torch.float32)
     for segment in dict.fromkeys(segments):
         positions = np.flatnonzero(np.asarray(segments, dtype=object) == segment)
-        array = store._group(segment)[kind]
-        block = from_storage(_read_runs(lambda sl, a=array: a[:, sl], runs, axis=1), logical)
+        block = store.read_pooled(segment, kind, layer_list)  # (rows, L', d)
         x[torch.from_numpy(positions)] = block[torch.from_numpy(rows[positions])].to(torch.float32)
     return PooledData(x=x, y=_labels(table["label"]), example_ids=table["example_id"].to_pylist(),
                       layers=layer_list, label_names=list(store.label_names))
@@ -182,8 +145,7 @@ class TokenStream:
             raise ValueError("buffer_tokens must be >= 0")
         self.store = _as_store(store)
         self.split = split
-        self.layers = _normalize_layers(self.store, layers)
-        self._runs = _layer_runs(self.layers)
+        self.layers = self.store.select_layers(layers)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -233,8 +195,7 @@ class TokenStream:
         examples = self._segments[segment]
         lo = min(e.offset for e in examples)
         hi = max(e.offset + e.n_tokens for e in examples)
-        array = self.store._group(segment)["hidden"]
-        block = _read_runs(lambda sl: array[sl, lo:hi], self._runs, axis=0)  # (L', hi - lo, d)
+        block = self.store.read_tokens(segment, lo, hi, self.layers, decode=False)  # (L', hi - lo, d) stored values
         out = []
         for e in examples:
             out.append((e, np.ascontiguousarray(block[:, e.offset - lo : e.offset - lo + e.n_tokens])))
