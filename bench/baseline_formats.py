@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import disk_bytes  # bench/common.py (bench/ is on sys.path)
-from probecache.extract.capture import pad_batch
+from probecache.lm.tokens import pad_batch
 from probecache.store.codecs import LOGICAL_DTYPES, from_storage, to_storage
 from probecache.train.loaders import Batch
 

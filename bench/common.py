@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 import torch
-from probecache.extract.capture import pad_batch
 from probecache.extract.config import ExtractConfig
 from probecache.extract.datasets import load_dataset
-from probecache.extract.models import load_model, resolve_device, resolve_dtype, resolve_model
 from probecache.extract.plan import batches, make_plan, select_examples
-from probecache.extract.run import pad_token_id
+from probecache.lm.models import load_model, resolve_device, resolve_dtype, resolve_model
+from probecache.lm.tokens import pad_batch, pad_token_id
 
 
 def bare_forward_seconds(model, shard_batches, pad_id: int) -> float:

@@ -72,7 +72,7 @@ STAMP = "probecache-bench-model.json"  # what a model folder was built from: a r
 
 
 def default_tokenizer() -> Path:
-    from probecache.extract.models import resolve_model
+    from probecache.lm.models import resolve_model
 
     return resolve_model("smollm2-135m").path
 
@@ -119,8 +119,8 @@ class Instrumented:
     """
 
     def __init__(self, model, folder: Path):
-        import probecache.extract.models as models_module
         import probecache.extract.run as run_module
+        import probecache.lm.models as models_module
         import torch
 
         self.cpu_seconds = 0.0
@@ -388,7 +388,7 @@ def main() -> None:
 
     import torch
     from common import prepare
-    from probecache.extract.models import resolve_device, resolve_dtype
+    from probecache.lm.models import resolve_device, resolve_dtype
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per model load would crowd out the tables in a short log tail

@@ -45,10 +45,11 @@ import torch  # noqa: E402
 from common import bare_forward_seconds, disk_bytes  # noqa: E402  (bench/common.py; bench/ is on sys.path)
 from probecache.extract.config import ExtractConfig  # noqa: E402
 from probecache.extract.datasets import load_dataset  # noqa: E402
-from probecache.extract.models import load_model, resolve_device, resolve_dtype, resolve_model  # noqa: E402
 from probecache.extract.plan import batches  # noqa: E402
 from probecache.extract.prepare import freeze_plan, prepare  # noqa: E402
-from probecache.extract.run import extract, pad_token_id  # noqa: E402
+from probecache.extract.run import extract  # noqa: E402
+from probecache.lm.models import load_model, resolve_device, resolve_dtype, resolve_model  # noqa: E402
+from probecache.lm.tokens import pad_token_id  # noqa: E402
 from probecache.store.reader import open_store  # noqa: E402
 from probecache.train.data import batch_source, labels_of, resolve_splits  # noqa: E402
 from probecache.train.probes import ProbeConfig  # noqa: E402

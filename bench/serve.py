@@ -61,7 +61,7 @@ DOWNCAST = 32  # the paper's main MHA setting
 def build_models(args, with_guard: bool):
     """(serving model, tokenizer or None, guard model or None) on args.device in args.dtype."""
     import torch
-    from probecache.extract.models import load_model, resolve_dtype, resolve_model
+    from probecache.lm.models import load_model, resolve_dtype, resolve_model
     from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
     dtype = resolve_dtype(args.dtype, args.device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from probecache.lm.tokens import pad_batch
 
 
 @dataclass
@@ -18,17 +19,6 @@ class CapturedBatch:
     mean: torch.Tensor  # (B, L+1, d) float32 mean over each example's real tokens
     lengths: list[int]  # real tokens per example
     logits: torch.Tensor | None  # (B, V) on CPU, next-token logits at each example's last real token
-
-
-def pad_batch(token_ids: list[list[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the batch's own longest example: (B, T) ids and attention mask."""
-    longest = max(len(ids) for ids in token_ids)
-    ids = torch.full((len(token_ids), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_ids), longest), dtype=torch.long)
-    for b, seq in enumerate(token_ids):
-        ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[b, : len(seq)] = 1
-    return ids.to(device), mask.to(device)
 
 
 @torch.inference_mode()

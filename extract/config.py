@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from probecache.lm import DEFAULT_MODEL, PROMPT_FORMATS, TRUNCATION_SIDES  # plain constants: no torch import
+
 from .datasets import DEFAULT_DATASET
 
-DEFAULT_MODEL = "smollm2-135m"  # an alias of extract/models.py EMBEDDED_MODELS (re-exported there)
 DEFAULT_ROOT = "stores"
-PROMPT_FORMATS = ("raw", "chat")
-TRUNCATION_SIDES = ("right", "left")
 
 
 def default_root() -> str:

@@ -1,10 +1,6 @@
 """Errors the extract stage raises for problems a user can fix (the CLI prints them as one line)."""
 
 
-class ModelError(RuntimeError):
-    """--model / --dtype / --device cannot be honoured; the message names the fix."""
-
-
 class ExtractError(RuntimeError):
     """The extraction cannot proceed (conflicting store, bad option); the message names the fix."""
 

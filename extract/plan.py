@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from probecache.lm.tokens import Tokenisation, encode
 from probecache.store.integrity import plan_digest  # noqa: F401  (re-exported for callers)
 
 from .config import ExtractConfig
@@ -74,33 +75,13 @@ def _rank(seed: int, example_id: str) -> str:
     return hashlib.sha256(f"sample:{seed}:{example_id}".encode()).hexdigest()
 
 
-def encode(texts: list[str], tokenizer, config: ExtractConfig) -> tuple[list[list[int]], list[int]]:
-    """Token ids per text (truncated to max_tokens on the configured side) and the untruncated lengths."""
-    if config.prompt_format == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            from .errors import ExtractError
-
-            raise ExtractError("this model's tokenizer has no chat template: use --prompt-format raw")
-        # the prompt ends where the assistant's first token would be generated (what serving sees)
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                          add_generation_prompt=True)
-            for t in texts
-        ]
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    else:
-        encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    lengths = [len(ids) for ids in encoded]
-    keep = config.max_tokens
-    if config.truncation_side == "right":
-        encoded = [ids[:keep] for ids in encoded]
-    else:
-        encoded = [ids[-keep:] for ids in encoded]
-    return encoded, lengths
+def tokenisation_of(config: ExtractConfig) -> Tokenisation:
+    """The config's tokenisation: what serving must reproduce (store.json records these three fields)."""
+    return Tokenisation(config.prompt_format, config.truncation_side, config.max_tokens)
 
 
 def make_plan(examples: list[Example], tokenizer, config: ExtractConfig) -> list[PlannedExample]:
-    ids, lengths = encode([e.text for e in examples], tokenizer, config)
+    ids, lengths = encode([e.text for e in examples], tokenizer, tokenisation_of(config))
     return [
         PlannedExample(e, i // config.shard_size, token_ids, n)
         for i, (e, token_ids, n) in enumerate(zip(examples, ids, lengths, strict=True))

@@ -15,6 +15,7 @@ from importlib import metadata
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from probecache.lm.models import ModelSource, resolve_device, resolve_dtype, resolve_model, tokenizer_identity
 from probecache.store.codecs import logical_dtype_name
 from probecache.store.commit import create_if_absent
 from probecache.store.faults import crash_point
@@ -25,7 +26,6 @@ from probecache.store.remote import store_root
 from .config import ExtractConfig
 from .datasets import Dataset, load_dataset
 from .errors import ExtractError
-from .models import ModelSource, resolve_device, resolve_dtype, resolve_model, tokenizer_identity
 from .plan import PlannedExample, make_plan, plan_bytes, plan_digest, plan_table, select_examples
 
 

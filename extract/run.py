@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from probecache.lm.models import load_model, resolve_dtype
+from probecache.lm.tokens import pad_token_id
 from probecache.store.layout import new_attempt_id
 from probecache.store.lease import LeaseKeeper
 from probecache.store.remote import LocalRoot, is_remote, writable_root
@@ -28,7 +30,6 @@ from tqdm.auto import tqdm
 from .config import ExtractConfig
 from .errors import ExtractError, Interrupted
 from .launchers import LaunchConfig, run_dask, submit_slurm, task_shards
-from .models import load_model, resolve_dtype
 from .prepare import PreparedStore, freeze_plan, log, prepare
 from .remote import RemoteSync
 from .shard import ExtractionJob, RunTotals, run_shard
@@ -258,14 +259,6 @@ def _write_failure_log(job: ExtractionJob, segment: str, error: BaseException) -
         (job.layout.path / "logs" / f"{segment}.failed").write_text(text)
     except OSError:
         pass  # e.g. the disk is full: the original error matters more than its log
-
-
-def pad_token_id(tokenizer) -> int:
-    """Any id works for padding (masked and stripped); prefer the tokenizer's own pad, then eos."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def _summary(r: ExtractResult) -> str:

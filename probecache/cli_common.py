@@ -12,7 +12,8 @@ def user_errors() -> tuple[type[Exception], ...]:
     and `--version` import no stage (ManifestError lives beside pyarrow).
     """
     from probecache.extract.datasets import DatasetError
-    from probecache.extract.errors import ExtractError, ModelError
+    from probecache.extract.errors import ExtractError
+    from probecache.lm.errors import ModelError
     from probecache.manifests.schema import ManifestError
     from probecache.serve.errors import ServeError
     from probecache.store.errors import StoreError

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from probecache.lm.tokens import Tokenisation
 from probecache.train.baselines import LogisticModel
 from probecache.train.probes import PROBES, Probe, check_safetensors, load_probe
 from probecache.train.runs import read_json
@@ -166,15 +167,6 @@ def load_runs(runs, device: str | torch.device = "cpu") -> list[ServedRun]:
     return loaded
 
 
-@dataclass(frozen=True)
-class Tokenisation:
-    """How every served run's prompts are tokenised (what ``extract.plan.encode`` needs), common to all runs."""
-
-    prompt_format: str
-    truncation_side: str
-    max_tokens: int | None  # right truncation: the longest any run reads (each masks to its own); left: all equal
-
-
 def check_runs(runs: list[ServedRun]) -> Tokenisation:
     """Refuse runs that cannot share one forward pass; the common tokenisation otherwise."""
     first = runs[0]
@@ -196,6 +188,7 @@ def check_runs(runs: list[ServedRun]) -> Tokenisation:
                          f"kept tokens' states depend on the cut, so they cannot share a pass; re-extract with one "
                          f"--max-tokens")
     known = [limit for limit in limits if limit is not None]  # None: no truncation (benchmark runs)
+    # max_tokens: with right truncation the longest any run reads (each run masks to its own); left: all equal
     return Tokenisation(first.store.get("prompt_format") or "raw", side, max(known) if known else None)
 
 

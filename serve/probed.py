@@ -26,8 +26,8 @@ alone; ``generate`` pads on the left, as decoder-only generation needs, and tran
 from the attention mask, so real tokens see the same positions and keys as alone. Scores of a text therefore do
 not depend on its batch beyond float rounding of differently shaped matmuls (tests: fp32 within 1e-5).
 
-Tokenisation is the extractor's (``probecache.extract.plan.encode``): raw text with the tokenizer's special
-tokens, or the chat template with the generation prompt.
+Tokenisation and padding are the extractor's (``probecache.lm.tokens``: ``encode`` with the store's Tokenisation,
+``pad_batch``): raw text with the tokenizer's special tokens, or the chat template with the generation prompt.
 
 Prompts longer than a probe reads (its store's ``max_tokens``) are refused by default (``PromptTooLong``): a
 guardrail that scores only the first 512 tokens of a prompt is bypassed by putting 512 harmless tokens first.
@@ -44,14 +44,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from probecache.extract.config import ExtractConfig
-from probecache.extract.errors import ModelError
-from probecache.extract.models import (
+from probecache.lm.errors import ModelError
+from probecache.lm.models import (
     ModelSource,
     load_model,
     resolve_device,
@@ -59,16 +58,15 @@ from probecache.extract.models import (
     resolve_model,
     tokenizer_identity,
 )
-from probecache.extract.plan import encode
+from probecache.lm.tokens import Tokenisation, encode, pad_batch, pad_token_id, truncate
 from probecache.store.codecs import LOGICAL_DTYPES
 
 from .errors import PromptTooLong
 from .hooks import register_state_hooks, remove_hooks
-from .loading import ServedRun, Tokenisation, check_model_shapes, check_runs, check_source, load_runs
+from .loading import ServedRun, check_model_shapes, check_runs, check_source, load_runs
 from .policy import DEFAULT_REFUSAL, RefuseFirstToken, parse_rules, refused_by
 
 DEFAULT_BATCH_SIZE = 16
-_NO_LIMIT = 1 << 30  # "max_tokens" when generation feeds the whole prompt
 
 
 @dataclass
@@ -96,18 +94,6 @@ class _Pass:
         self.seen: set[int] = set()
         self.summaries = [[None] * len(run.layers) if run.probe is not None else None for run in runs]
         self.features: list[torch.Tensor | None] = [None] * len(runs)  # linear (B, d) / muli (B, V)
-
-
-def _pad(token_ids: Sequence[Sequence[int]], pad_id: int, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and attention mask, padded to the batch's longest prompt on ``side``."""
-    longest = max(len(ids) for ids in token_ids)
-    ids = torch.full((len(token_ids), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_ids), longest), dtype=torch.long)
-    for b, seq in enumerate(token_ids):
-        span = slice(0, len(seq)) if side == "right" else slice(longest - len(seq), longest)
-        ids[b, span] = torch.tensor(list(seq), dtype=torch.long)
-        mask[b, span] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _torch_dtype(dtype) -> torch.dtype:
@@ -184,15 +170,8 @@ class ProbedModel:
 
     @property
     def pad_id(self) -> int:
-        # any id works (masked everywhere); prefer the tokenizer's pad, then eos, as the extractor does
-        for holder in (self.tokenizer, self.model.config):
-            for attr in ("pad_token_id", "eos_token_id"):
-                value = getattr(holder, attr, None) if holder is not None else None
-                if isinstance(value, (list, tuple)):
-                    value = value[0] if value else None
-                if value is not None:
-                    return int(value)
-        return 0
+        # any id works (masked everywhere); the extractor's choice, falling back on the model config without a tokenizer
+        return pad_token_id(self.tokenizer, self.model.config)
 
     def _eos_ids(self) -> list[int]:
         value = getattr(self.model.generation_config, "eos_token_id", None)
@@ -213,10 +192,7 @@ class ProbedModel:
             raise TypeError("pass a list of texts, not a single string")
         if not texts:
             return [], []
-        t = self.tokenisation
-        limit = _NO_LIMIT if whole and t.truncation_side == "right" else t.max_tokens
-        config = ExtractConfig(prompt_format=t.prompt_format, max_tokens=limit, truncation_side=t.truncation_side)
-        ids, lengths = encode(list(texts), self.tokenizer, config)
+        ids, lengths = encode(list(texts), self.tokenizer, self._cut_by(whole))
         empty = [i for i, seq in enumerate(ids) if not seq]
         if empty:
             raise ValueError(f"text {empty[0]} has no tokens: pass non-empty texts")
@@ -236,15 +212,15 @@ class ProbedModel:
                     f"re-extract with a larger --max-tokens and retrain, or opt in to scoring the {part} "
                     f"{run.max_tokens} tokens (truncate=True; --truncate)", i, n, run.max_tokens)
 
-    def _cut(self, token_ids: Sequence[Sequence[int]], whole: bool) -> list[Sequence[int]]:
-        """Token ids cut as the extractor cuts (store side, the longest max_tokens any run reads); ``whole``: right
-        truncation keeps the whole prompt (generation: the model answers all of it, each probe masks its window)."""
+    def _cut_by(self, whole: bool) -> Tokenisation:
+        """The runs' tokenisation (store side, the longest max_tokens any run reads); ``whole``: right truncation
+        keeps the whole prompt (generation: the model answers all of it, each probe masks its own window)."""
         t = self.tokenisation
-        if t.max_tokens is None or (whole and t.truncation_side == "right"):
-            return list(token_ids)
-        if t.truncation_side == "right":
-            return [ids[:t.max_tokens] for ids in token_ids]
-        return [ids[-t.max_tokens:] for ids in token_ids]
+        return replace(t, max_tokens=None) if whole and t.truncation_side == "right" else t
+
+    def _cut(self, token_ids: Sequence[Sequence[int]], whole: bool) -> list[Sequence[int]]:
+        """Token ids cut as the extractor cuts them (see ``_cut_by``)."""
+        return truncate(token_ids, self._cut_by(whole))
 
     # ---- one probed pass ------------------------------------------------------------------------------
 
@@ -355,7 +331,7 @@ class ProbedModel:
         base = self.model.base_model
         for start in range(0, len(order), batch_size):
             batch = [token_ids[i] for i in order[start:start + batch_size]]
-            ids, mask = _pad(batch, self.pad_id, "right", self.device)  # (B, T)
+            ids, mask = pad_batch(batch, self.pad_id, self.device, side="right")  # (B, T)
             with self._probing(mask) as p:
                 base(input_ids=ids, attention_mask=mask, use_cache=False)
                 for name, s in self._finish(p).items():
@@ -404,7 +380,7 @@ class ProbedModel:
             return []
         rules = parse_rules(refuse_on, self.runs)
         eos = self._eos_ids()
-        ids, mask = _pad(token_ids, self.pad_id, "left", self.device)  # (B, T)
+        ids, mask = pad_batch(token_ids, self.pad_id, self.device, side="left")  # (B, T)
         decided: dict = {}
 
         def decide() -> torch.Tensor:  # at the first logits-processor call: the prefill is complete

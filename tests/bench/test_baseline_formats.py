@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from probecache.extract.capture import pad_batch
+from probecache.lm.tokens import pad_batch
 from probecache.train.data import TokenBatches, resolve_splits, split_examples
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"

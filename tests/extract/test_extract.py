@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from probecache.extract.capture import pad_batch
 from probecache.extract.plan import batches, make_plan
 from probecache.extract.run import extract
+from probecache.lm.tokens import pad_batch
 from probecache.store.errors import StoreError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

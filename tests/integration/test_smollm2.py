@@ -24,7 +24,7 @@ EXE = str(Path(sys.executable).parent / "probecache")
 def model_cache(tmp_path_factory) -> Path:
     """A fresh cache, filled by two processes converting the embedded GGUF at the same time."""
     cache = tmp_path_factory.mktemp("cache")
-    code = ("from probecache.extract.models import resolve_model; s = resolve_model('smollm2-135m'); "
+    code = ("from probecache.lm.models import resolve_model; s = resolve_model('smollm2-135m'); "
             "print(s.path, s.weights_id)")
     env = {**os.environ, "PROBECACHE_CACHE": str(cache)}
 
@@ -51,8 +51,8 @@ def _extract(cache: Path, root: Path, *args: str) -> str:
 
 
 def test_embedded_default_extracts_and_matches_the_model(model_cache, tmp_path):
-    from probecache.extract.capture import pad_batch
-    from probecache.extract.models import resolve_model
+    from probecache.lm.models import resolve_model
+    from probecache.lm.tokens import pad_batch
     from transformers import AutoModelForCausalLM
 
     from probecache import open_store

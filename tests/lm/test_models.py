@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-from probecache.extract.errors import ModelError
-from probecache.extract.models import resolve_device, resolve_dtype, resolve_model
+from probecache.lm.errors import ModelError
+from probecache.lm.models import resolve_device, resolve_dtype, resolve_model
 
 
 def test_local_folder_identity_is_the_weights_hash(tiny_model, tiny_model_other_weights, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from probecache.extract.models import load_model, resolve_model
+from probecache.lm.models import load_model, resolve_model
 from probecache.serve.hooks import decoder_parts, n_hidden_states, register_state_hooks, remove_hooks
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from probecache.extract.models import load_model, resolve_model
+from probecache.lm.models import load_model, resolve_model
 from probecache.serve.loading import load_run
 from probecache.serve.probed import ProbedModel, run_names
 
