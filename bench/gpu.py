@@ -115,16 +115,17 @@ class Instrumented:
     - load_model: hands back the bench's own copy of this very folder, loaded by the same function (each
       extract() would otherwise reload 6.4 GB: ~1 min over a sweep, outside the loop, of a short GPU lease);
     - the weights hash (the store's identity): computed once per folder, for the same reason.
-    All three are module-level names that extract() looks up at call time.
+    All three are module-level names looked up at call time (extract/run.py, extract/jobs.py, lm/models.py).
     """
 
     def __init__(self, model, folder: Path):
+        import probecache.extract.jobs as jobs_module
         import probecache.extract.run as run_module
         import probecache.lm.models as models_module
         import torch
 
         self.cpu_seconds = 0.0
-        run_shards, load_model = run_module.run_shards, run_module.load_model
+        run_shards, load_model = run_module.run_shards, jobs_module.load_model
 
         def timed(*args, **kwargs):
             started = time.process_time()
@@ -136,10 +137,10 @@ class Instrumented:
         def loaded(source, dtype, device):
             same = Path(source.path) == folder.resolve() and dtype == model.dtype
             if same and torch.device(device).type == model.device.type:  # "cuda" is "cuda:0": one GPU here
-                return model, None  # run.open_job uses the model only
+                return model, None  # jobs.open_job uses the model only
             return load_model(source, dtype, device)
 
-        run_module.run_shards, run_module.load_model = timed, loaded
+        run_module.run_shards, jobs_module.load_model = timed, loaded
         models_module._hash_weights = functools.cache(models_module._hash_weights)
 
 

@@ -80,8 +80,8 @@ _WORKER_JOBS: dict[ExtractConfig, object] = {}  # config -> ExtractionJob, kept 
 
 def _dask_shard(config: ExtractConfig, shard_id: int) -> dict:
     """One dask task: prepare and load the model once per worker process, then run one shard to its commit."""
+    from .jobs import open_job, run_shards
     from .prepare import freeze_plan, prepare
-    from .run import open_job, run_shards
 
     job = _WORKER_JOBS.get(config)
     if job is None:

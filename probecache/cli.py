@@ -22,9 +22,10 @@ import typer  # noqa: E402
 
 from probecache.cli_common import fail, print_table, user_errors  # noqa: E402
 
-# The config module only (a dataclass and constants; no torch, zarr or transformers), so that --help shows the
+# The config dataclasses only (no torch, zarr or transformers), so that --help shows the
 # defaults the stage itself uses. Everything heavy is imported inside the command bodies.
 from probecache.extract.config import ExtractConfig, default_root  # noqa: E402
+from probecache.extract.launchers import LaunchConfig  # noqa: E402
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1; rerun to resume
 
@@ -88,23 +89,23 @@ def extract(
             rich_help_panel="Data",
             help="Cap on examples in the store, spread over the splits in proportion (a deterministic sample).",
         ),
-    ] = None,
+    ] = ExtractConfig.limit,
     data_dir: Annotated[
         str | None,
         typer.Option(
             rich_help_panel="Data",
             help="Folder with file-backed datasets (jigsaw_toxic/, sst2/, ...) (env PROBECACHE_DATA_DIR).",
         ),
-    ] = None,
+    ] = ExtractConfig.data_dir,
     text_col: Annotated[
         str | None, typer.Option(rich_help_panel="Data", help="Text column of a csv:/jsonl:/parquet: file.")
-    ] = None,
+    ] = ExtractConfig.text_col,
     label_col: Annotated[
         str | None, typer.Option(rich_help_panel="Data", help="Label column of a generic file.")
-    ] = None,
+    ] = ExtractConfig.label_col,
     id_col: Annotated[
         str | None, typer.Option(rich_help_panel="Data", help="Id column of a generic file (default: id, else row).")
-    ] = None,
+    ] = ExtractConfig.id_col,
     strict: Annotated[
         bool,
         typer.Option(
@@ -112,11 +113,11 @@ def extract(
             help="Bad rows (empty text, missing/unknown label, duplicate id) "
             "are an error instead of being excluded and reported.",
         ),
-    ] = False,
+    ] = ExtractConfig.strict,
     dtype: Annotated[
         str, typer.Option(rich_help_panel="Model", help="auto | bf16 | fp16 | fp32 (auto = bf16 where fast).")
-    ] = "auto",
-    device: Annotated[str, typer.Option(rich_help_panel="Model", help="auto | cpu | cuda[:N].")] = "auto",
+    ] = ExtractConfig.dtype,
+    device: Annotated[str, typer.Option(rich_help_panel="Model", help="auto | cpu | cuda[:N].")] = ExtractConfig.device,
     prompt_format: Annotated[
         str,
         typer.Option(
@@ -124,13 +125,13 @@ def extract(
             help="raw text, or chat: the model's chat template with a "
             "generation prompt (what a served prompt looks like).",
         ),
-    ] = "raw",
+    ] = ExtractConfig.prompt_format,
     max_tokens: Annotated[
         int, typer.Option(rich_help_panel="Model", help="Truncate longer examples (recorded per example).")
-    ] = 512,
+    ] = ExtractConfig.max_tokens,
     truncation_side: Annotated[
         str, typer.Option(rich_help_panel="Model", help="right keeps the beginning, left keeps the end.")
-    ] = "right",
+    ] = ExtractConfig.truncation_side,
     logits: Annotated[
         bool,
         typer.Option(
@@ -138,28 +139,38 @@ def extract(
             help="Also store next-token logits at the last prompt position "
             "(needed by the MULI baseline; ~2 B x vocab per example).",
         ),
-    ] = False,
+    ] = ExtractConfig.logits,
     store_text: Annotated[
         bool,
         typer.Option(
             rich_help_panel="Store",
             help="Opt in to raw text in the manifest (stores may hold sensitive prompts; off by default).",
         ),
-    ] = False,
+    ] = ExtractConfig.store_text,
+    store_token_ids: Annotated[
+        bool,
+        typer.Option(
+            rich_help_panel="Store",
+            help="Opt in to storing each kept token's id beside its hidden states (per-token analysis; ids decode "
+            "back to the text with the tokenizer, so off by default). Changes the store id.",
+        ),
+    ] = ExtractConfig.store_token_ids,
     mantissa_bits: Annotated[
         int | None,
         typer.Option(
             rich_help_panel="Store",
             help="Lossy: round bf16 mantissas to K bits (4: ~2x smaller, ~1% error). Default lossless.",
         ),
-    ] = None,
+    ] = ExtractConfig.mantissa_bits,
     shard_size: Annotated[
         int, typer.Option(rich_help_panel="Store", help="Examples per shard (the unit of work and commit).")
-    ] = 512,
-    batch_tokens: Annotated[int, typer.Option(rich_help_panel="Speed", help="Padded tokens per forward batch.")] = 4096,
+    ] = ExtractConfig.shard_size,
+    batch_tokens: Annotated[
+        int, typer.Option(rich_help_panel="Speed", help="Padded tokens per forward batch.")
+    ] = ExtractConfig.batch_tokens,
     max_batch_size: Annotated[
         int, typer.Option(rich_help_panel="Speed", help="Examples per forward batch at most.")
-    ] = 64,
+    ] = ExtractConfig.max_batch_size,
     encode_threads: Annotated[
         int | None,
         typer.Option(
@@ -167,49 +178,61 @@ def extract(
             help="Threads compressing activations beside the forward pass. Default: 0 on a CPU device (the "
             "forward uses every core), cores - 1 with a GPU.",
         ),
-    ] = None,
+    ] = ExtractConfig.encode_threads,
     validation_fraction: Annotated[
         float | None,
         typer.Option(
             rich_help_panel="Data",
             help="Share of train carved (stratified) as validation when a source has none (default 0.1).",
         ),
-    ] = None,
+    ] = ExtractConfig.validation_fraction,
     seed: Annotated[
         int, typer.Option(rich_help_panel="Data", help="Seed for validation carving and --limit sampling.")
-    ] = 0,
-    progress: Annotated[bool, typer.Option(rich_help_panel="Speed", help="Progress bar and summary on stderr.")] = True,
+    ] = ExtractConfig.seed,
+    progress: Annotated[
+        bool, typer.Option(rich_help_panel="Speed", help="Progress bar and summary on stderr.")
+    ] = ExtractConfig.progress,
     executor: Annotated[
         str, typer.Option(rich_help_panel="Cluster", help="local (this process), dask, or slurm (an sbatch array).")
-    ] = "local",
+    ] = LaunchConfig.executor,
     task_index: Annotated[
         int | None,
         typer.Option(rich_help_panel="Cluster", help="Run only shards K, K+N, ... (default: $SLURM_ARRAY_TASK_ID)."),
-    ] = None,
+    ] = LaunchConfig.task_index,
     num_tasks: Annotated[
         int | None, typer.Option(rich_help_panel="Cluster", help="N tasks share the shards (with --task-index).")
-    ] = None,
-    workers: Annotated[int, typer.Option(rich_help_panel="Cluster", help="dask LocalCluster worker processes.")] = 2,
+    ] = LaunchConfig.num_tasks,
+    workers: Annotated[
+        int, typer.Option(rich_help_panel="Cluster", help="dask LocalCluster worker processes.")
+    ] = LaunchConfig.workers,
     scheduler: Annotated[
         str | None,
         typer.Option(
             rich_help_panel="Cluster",
             help="dask scheduler address, or slurm: workers as SLURM jobs (dask-jobqueue). Default: a LocalCluster.",
         ),
-    ] = None,
-    partition: Annotated[str | None, typer.Option(rich_help_panel="Cluster", help="SLURM partition.")] = None,
+    ] = LaunchConfig.scheduler,
+    partition: Annotated[
+        str | None, typer.Option(rich_help_panel="Cluster", help="SLURM partition.")
+    ] = LaunchConfig.partition,
     time_limit: Annotated[
         str | None, typer.Option("--time", rich_help_panel="Cluster", help="SLURM time limit per task, e.g. 04:00:00.")
-    ] = None,
-    gpus: Annotated[int, typer.Option(rich_help_panel="Cluster", help="GPUs per SLURM task (--gres=gpu:N).")] = 0,
-    cpus_per_task: Annotated[int | None, typer.Option(rich_help_panel="Cluster", help="SLURM CPUs per task.")] = None,
-    mem: Annotated[str | None, typer.Option(rich_help_panel="Cluster", help="SLURM memory per task, e.g. 32G.")] = None,
+    ] = LaunchConfig.time_limit,
+    gpus: Annotated[
+        int, typer.Option(rich_help_panel="Cluster", help="GPUs per SLURM task (--gres=gpu:N).")
+    ] = LaunchConfig.gpus,
+    cpus_per_task: Annotated[
+        int | None, typer.Option(rich_help_panel="Cluster", help="SLURM CPUs per task.")
+    ] = LaunchConfig.cpus_per_task,
+    mem: Annotated[
+        str | None, typer.Option(rich_help_panel="Cluster", help="SLURM memory per task, e.g. 32G.")
+    ] = LaunchConfig.mem,
     max_parallel: Annotated[
         int | None, typer.Option(rich_help_panel="Cluster", help="At most this many SLURM array tasks at once.")
-    ] = None,
+    ] = LaunchConfig.max_parallel,
     dry_run: Annotated[
         bool, typer.Option(rich_help_panel="Cluster", help="With --executor slurm: print the sbatch script only.")
-    ] = False,
+    ] = LaunchConfig.dry_run,
 ) -> None:
     """Run the model once over a dataset and store every hidden state of every real token.
 
@@ -223,7 +246,6 @@ def extract(
     from transformers.utils import logging as hf_logging
 
     from probecache.extract.errors import Interrupted
-    from probecache.extract.launchers import LaunchConfig
     from probecache.extract.run import extract as run_extract
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with ours
@@ -246,6 +268,7 @@ def extract(
         truncation_side=truncation_side,
         logits=logits,
         store_text=store_text,
+        store_token_ids=store_token_ids,
         mantissa_bits=mantissa_bits,
         shard_size=shard_size,
         batch_tokens=batch_tokens,

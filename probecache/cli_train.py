@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from probecache.cli_common import fail, print_table, user_errors
+from probecache.cli_common import CliError, fail, print_table, user_errors
 
 _PROBE = "Probe"
 _TRAIN = "Training (repeat an option to sweep it)"
@@ -23,35 +23,15 @@ _OUT = "Output"
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int] | None:
-    """'0-4,10,-1' -> [0, 1, 2, 3, 4, 10, n_layers - 1]; '20--1' -> 20..last; None or 'all' -> None (every layer)."""
+    """--layers in the one layer grammar (store/layers.py: '0-4,10,-1', '20--1'); None or 'all': every layer."""
+    from probecache.store.layers import LayerSelectionError, select_layers
+
     if spec is None or spec.strip().lower() == "all":
         return None
-    usage = "use e.g. 0-4,10,-1 (0 = embedding output, -1 = last layer)"
-
-    def index(text: str) -> int:
-        value = int(text)
-        value = value + n_layers if value < 0 else value
-        if not 0 <= value < n_layers:
-            raise ValueError(f"--layers {spec!r}: layer {text} is out of range (this store has layers "
-                             f"0..{n_layers - 1})")
-        return value
-
-    out: list[int] = []
-    for part in (p.strip() for p in spec.split(",")):
-        try:
-            split_at = part.find("-", 1)  # a leading '-' is a sign, not a range
-            if split_at > 0:
-                lo, hi = index(part[:split_at]), index(part[split_at + 1:])
-                if lo > hi:
-                    raise ValueError(f"--layers {spec!r}: range {part} is empty; {usage}")
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(index(part))
-        except ValueError as e:
-            if "--layers" in str(e):
-                raise
-            raise ValueError(f"--layers {spec!r} is not a layer list: {usage}") from None
-    return sorted(dict.fromkeys(out))
+    try:
+        return select_layers(spec, n_layers)
+    except LayerSelectionError as e:
+        raise LayerSelectionError(f"--{e}") from None
 
 
 def open_store_arg(store: str, root: str | None):
@@ -140,7 +120,7 @@ def register(app: typer.Typer) -> None:
                                                         "d x 2 B.", rich_help_panel=_DATA)] = 65536,
         runs_dir: Annotated[str, typer.Option(help="Where run folders go \\[default: $PROBECACHE_RUNS or runs].",
                                               rich_help_panel=_OUT, show_default=False)] = "",
-        device: Annotated[str, typer.Option(help="cpu or cuda[:N].", rich_help_panel=_OUT)] = "cpu",
+        device: Annotated[str, typer.Option(help="cpu | cuda[:N] | mps | auto.", rich_help_panel=_OUT)] = "cpu",
         progress: Annotated[bool, typer.Option(help="Progress bars on stderr.", rich_help_panel=_OUT)] = True,
     ) -> None:
         """Train a probe (or a sweep of them, reading each batch once) on a store; select on validation, test once.
@@ -157,11 +137,11 @@ def register(app: typer.Typer) -> None:
                         weight_decays=weight_decay, batch_sizes=batch_size, class_weights=class_weight,
                         seeds=list(range(seeds)), epochs=epochs, patience=patience)
             if seeds < 1:
-                raise ValueError("--seeds must be at least 1")
+                raise CliError(f"--seeds must be at least 1, got {seeds}")
             if metric is not None and metric not in METRICS:
-                raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+                raise CliError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
             if len(class_weight) != 1 and probe in ("linear", "muli", "tfidf"):
-                raise ValueError("baselines take a single --class-weight")
+                raise CliError(f"--probe {probe} (a baseline) takes a single --class-weight, got {len(class_weight)}")
             options = TrainOptions(probe=probe, grid=grid, cs=tuple(c) or None, readout=readout,
                                    class_weight=class_weight[0], layers=parse_layers(layers, st.n_layers),
                                    metric=metric, train_split=train_split, validation_split=validation_split,
@@ -170,7 +150,7 @@ def register(app: typer.Typer) -> None:
                                    device=device, buffer_tokens=buffer_tokens, progress=progress,
                                    extra={"argv": sys.argv[1:]})
             run_dir = train_run(st, options)
-        except (*user_errors(), ValueError) as e:
+        except user_errors() as e:
             fail(e)
         metrics = json.loads((run_dir / "metrics.json").read_text())
         results = (run_dir / "results.md").read_text()
@@ -189,14 +169,14 @@ def register(app: typer.Typer) -> None:
         split: Annotated[str, typer.Option(help="Split of the store to evaluate.")] = "test",
         root: Annotated[str | None, typer.Option(help="Where store ids are looked up.")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
-        device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+        device: Annotated[str, typer.Option(help="cpu | cuda[:N] | mps | auto.")] = "cpu",
     ) -> None:
         """Evaluate a trained probe on a split of a store (refuses stores of another model)."""
         from probecache.train.runner import evaluate_run
 
         try:
             metrics = evaluate_run(run, open_store_arg(store, root), split, device=device)
-        except (*user_errors(), ValueError) as e:
+        except user_errors() as e:
             fail(e)
         if as_json:
             typer.echo(json.dumps(metrics))
@@ -220,7 +200,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             paths = write_report(runs_dir or default_runs_dir(), out)
-        except (ValueError, FileNotFoundError) as e:
+        except user_errors() as e:
             fail(e)
         for kind, path in paths.items():
             typer.echo(f"{kind}: {path}")

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from probecache.store.layers import LayerSelectionError
 from probecache.store.reader import open_store
 from probecache.train.loaders import Batch, PooledData, TokenStream, load_pooled
 
@@ -66,7 +67,7 @@ def test_pooled_equals_store_readers(store, kind, layers):
 def test_pooled_rejects_bad_arguments(store):
     with pytest.raises(ValueError, match="kind"):
         load_pooled(store, "train", kind="max")
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(LayerSelectionError, match="out of range"):  # the store's one layer grammar
         load_pooled(store, "train", layers=[4])
     with pytest.raises(ValueError, match="no committed examples"):
         load_pooled(store, "nope")

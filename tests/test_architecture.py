@@ -1,0 +1,143 @@
+"""The house's floor plan, checked from the source: which stage may import which, and no import cycles.
+
+Every `import` statement of every module is parsed (module level and inside functions alike: a lazy import is
+still a dependency), relative imports resolved, and the graph checked against the layering of design.md §3:
+
+    manifests  <  store  <  extract, train  <  serve  <  probecache (CLI, the front door)
+    lm (model + tokenisation)  <  extract, serve
+
+A stage never imports the front door; store and manifests import no higher stage; train imports neither the
+extract stage nor transformers (not even through another of our modules); no module cycle exists.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("manifests", "store", "lm", "extract", "train", "serve")
+FRONT_DOOR = "probecache"
+# the stages each stage may import (itself always)
+ALLOWED = {
+    "manifests": set(),
+    "store": {"manifests"},
+    "lm": set(),
+    "extract": {"manifests", "store", "lm"},
+    "train": {"manifests", "store", "lm"},
+    "serve": {"manifests", "store", "lm", "train"},
+}
+# third-party packages a stage may not import, directly or through any of our modules it imports
+FORBIDDEN_EXTERNAL = {"train": {"transformers"}, "store": {"transformers", "sklearn", "matplotlib"},
+                      "manifests": {"torch", "transformers", "zarr"}}
+
+
+def module_files() -> dict[str, Path]:
+    """probecache.<stage>.<module> -> file, for every stage folder and the front door."""
+    found = {}
+    for folder in (*STAGES, FRONT_DOOR):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            rel = path.relative_to(REPO / folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            package = FRONT_DOOR if folder == FRONT_DOOR else f"{FRONT_DOOR}.{folder}"
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def imports_of(name: str, path: Path) -> set[str]:
+    """Absolute names of everything ``path`` imports (``from x import y`` gives x and x.y)."""
+    is_package = path.name == "__init__.py"
+    package = name if is_package else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                module = ".".join([*base, node.module] if node.module else base)
+            else:
+                module = node.module or ""
+            out.add(module)
+            out.update(f"{module}.{alias.name}" for alias in node.names)
+    return out
+
+
+@pytest.fixture(scope="module")
+def graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """(module -> our modules it imports, module -> top-level third-party packages it imports)."""
+    files = module_files()
+    internal, external = {}, {}
+    for name, path in files.items():
+        names = imports_of(name, path)
+        internal[name] = {n for n in names if n in files and n != name}
+        external[name] = {n.split(".")[0] for n in names if not n.startswith(FRONT_DOOR)}
+    return internal, external
+
+
+def stage_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in STAGES else FRONT_DOOR
+
+
+def test_stages_import_only_lower_stages(graph):
+    internal, _ = graph
+    wrong = sorted(f"{m} imports {d}" for m, deps in internal.items() for d in deps
+                   if stage_of(m) != FRONT_DOOR and stage_of(d) != stage_of(m)
+                   and stage_of(d) not in ALLOWED[stage_of(m)])
+    assert not wrong, "layering broken (see this file's docstring):\n" + "\n".join(wrong)
+
+
+def reachable(start: str, internal: dict[str, set[str]]) -> set[str]:
+    seen, todo = {start}, [start]
+    while todo:
+        for dep in internal[todo.pop()]:
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def test_forbidden_packages_are_not_reached(graph):
+    internal, external = graph
+    wrong = []
+    for module in internal:
+        forbidden = FORBIDDEN_EXTERNAL.get(stage_of(module), set())
+        for dep in sorted(reachable(module, internal)):
+            if hits := external[dep] & forbidden:
+                wrong.append(f"{module} reaches {', '.join(sorted(hits))} through {dep}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycles(graph):
+    internal, _ = graph
+    # a package's __init__ importing its own submodules is not a cycle of dependence
+    edges = {m: {d for d in deps if not m.startswith(d + ".") and not d.startswith(m + ".")}
+             for m, deps in internal.items()}
+    cycles, state = [], {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for dep in sorted(edges[module]):
+            if state.get(dep) == "open":
+                cycles.append(" -> ".join([*path[path.index(dep):], dep]))
+            elif dep not in state:
+                visit(dep, [*path, dep])
+        state[module] = "done"
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_checker_sees_what_it_checks(graph):
+    """The graph is not empty or blind: known edges are found, lazy imports included."""
+    internal, external = graph
+    assert "probecache.store.errors" in internal["probecache.store.reader"]
+    assert "torch" in external["probecache.store.reader"]
+    assert any(stage_of(d) == "extract" for d in internal["probecache.cli"])
+    assert len(internal) > 60
