@@ -39,6 +39,9 @@ class ExtractConfig:
     truncation_side: str = "right"  # right keeps the beginning of long texts
     logits: bool = False  # also keep next-token logits at the last prompt position (MULI baseline)
     store_text: bool = False  # opt in: raw text in the manifest (stores may hold sensitive prompts)
+    # opt in: each kept token's id beside its hidden states (per-token analysis outside probecache); opt-in for
+    # the same reason as store_text: ids decode back to the text with the tokenizer
+    store_token_ids: bool = False
     mantissa_bits: int | None = None  # lossy: round bf16 mantissas to this many bits (None = lossless)
     # where and how fast (not part of the store's identity, except shard_size which shapes the layout)
     root: str = DEFAULT_ROOT

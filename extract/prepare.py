@@ -134,7 +134,10 @@ def identity_of(config: ExtractConfig, source: ModelSource, tokenizer, dataset: 
 
 
 def _capture(config: ExtractConfig) -> dict:
-    return {"hidden": True, "mean": True, "last": True, "logits": config.logits, "text": config.store_text}
+    capture = {"hidden": True, "mean": True, "last": True, "logits": config.logits, "text": config.store_text}
+    if config.store_token_ids:  # only when on: stores extracted without it keep their store id
+        capture["token_ids"] = True
+    return capture
 
 
 def _report_bad_rows(config: ExtractConfig, dataset: Dataset) -> None:

@@ -123,7 +123,8 @@ class _ShardState:
                 n_layers=job.n_layers, hidden_size=job.hidden_size,
                 n_tokens=sum(p.n_tokens for p in self.examples), n_examples=len(self.examples),
                 logical_dtype=job.logical_dtype, vocab_size=job.vocab_size if job.config.logits else None,
-            ), pool=job.encode_pool)
+                token_ids=job.config.store_token_ids,
+            ), pool=job.encode_pool, store_id=job.store_id, shard_id=self.shard_id)
         layers = [to_storage(h) for h in captured.hidden]  # L+1 views (B, T, d)
         mean = captured.mean.numpy()  # (B, L+1, d)
         logits = None if captured.logits is None else to_storage(captured.logits)  # (B, V)
@@ -135,7 +136,8 @@ class _ShardState:
             if job.config.mantissa_bits is not None:
                 states = [round_mantissa(h, job.config.mantissa_bits) for h in states]
                 example_mean = np.stack([bf16_bits_to_float32(h).mean(axis=0) for h in states])
-            row, offset = self.writer.append(states, example_mean, None if logits is None else logits[b])
+            row, offset = self.writer.append(states, example_mean, None if logits is None else logits[b],
+                                             planned.token_ids if job.config.store_token_ids else None)
             self.rows.append(self._manifest_row(planned, row, offset))
             crash_point("writer-append")
         if self.writer.tokens_flushed != flushed_before:

@@ -5,10 +5,17 @@ Arrays (T_seg = total real tokens of the shard's examples, N_seg = its examples,
     mean    (N_seg, L+1, d)  float32 mean over each example's tokens (fp32 sum of the stored values)
     last    (N_seg, L+1, d)  the last token's state (same dtype as hidden)
     logits  (N_seg, V)       optional next-token logits at the last prompt position
+    token_ids (T_seg,)       optional int32 token ids, aligned with hidden's token axis (--store-token-ids)
+
+Every array names its dimensions (zarr v3 ``dimension_names``: xarray and other tools need them) and the group's
+attributes say what the values mean (``SEGMENT_FORMAT``), so a segment can be read without probecache.
 
 ``hidden`` is chunked (1, 256, d) inside zarr shards of (L+1, 1024, d). The writer buffers tokens and writes
 whole zarr shards only (a partial-shard write is a read-modify-write: 7x slower, unsafe with two writers),
-encoding each shard itself (see shard_encoding.py) and storing it through zarr's store API.
+encoding each shard itself (see shard_encoding.py) and writing its file at the key the zarr v3 spec's
+"default" chunk key encoding gives (declared explicitly on the array, so the key never depends on zarr's
+defaults). A plain file write, not zarr's store API: the store's synchronous ``set`` is private in zarr 3
+(``zarr.core.sync``), and the file write measured as fast or faster (bench/segment_write.py).
 """
 
 from __future__ import annotations
@@ -23,16 +30,44 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 
 from .codecs import activation_blosc, activation_codec, storage_dtype
 from .faults import crash_point
 from .integrity import crc32c_hex, segment_files
+from .layout import FORMAT_VERSION
 from .shard_encoding import encode_shard
 
 TOKENS_PER_ZARR_SHARD = 1024
 TOKENS_PER_CHUNK = 256
+TOKEN_IDS_PER_CHUNK = 1 << 16  # 256 KiB of int32 per chunk: a 512-example shard of 512 tokens is 4 chunks
+
+# zarr v3 dimension names of each array (attribute-free tools such as xarray label axes with these)
+DIMENSIONS: dict[str, tuple[str, ...]] = {
+    "hidden": ("layer", "token", "channel"),
+    "mean": ("example", "layer", "channel"),
+    "last": ("example", "layer", "channel"),
+    "logits": ("example", "vocab"),
+    "token_ids": ("token",),
+}
+# The same key encoding zarr uses by default for v3, declared so that the shard keys the writer computes
+# (chunk_key) are the spec's, whatever a future zarr's default is
+CHUNK_KEY_ENCODING = {"name": "default", "separator": "/"}
+
+# What the group attributes say about the values (verified against transformers' Llama with
+# output_hidden_states: hidden_states[L] is the final norm applied to block L's output, not the raw block output)
+LAYER_MEANING = ("layer 0 = embedding output, layer i = output of block i for 1 <= i < L, "
+                 "layer L = output of block L after the final norm (transformers' output_hidden_states)")
+DECODING = {
+    "bfloat16": "uint16 holding bfloat16 bits: float32 = (uint16.astype(uint32) << 16).view(float32), or "
+                ".view(ml_dtypes.bfloat16)",
+    "float16": "stored as float16",
+    "float32": "stored as float32",
+}
+
+
+def chunk_key(array: str, coords: Sequence[int]) -> str:
+    """The file of one chunk (or zarr shard) of an array in the group: "default" encoding, "/" separator."""
+    return f"{array}/c/" + "/".join(str(c) for c in coords)
 
 
 @dataclass(frozen=True)
@@ -43,6 +78,7 @@ class SegmentShape:
     n_examples: int  # N_seg
     logical_dtype: str  # "bfloat16" | "float16" | "float32"
     vocab_size: int | None = None  # set when logits are captured
+    token_ids: bool = False  # also store each kept token's id (--store-token-ids)
 
     @property
     def itemsize(self) -> int:
@@ -54,26 +90,50 @@ class SegmentShape:
 
     @property
     def raw_bytes(self) -> int:
-        """Uncompressed size of every array in the segment (mean is float32, the others as hidden)."""
+        """Uncompressed size of every array in the segment (mean is float32, token ids int32, the others as hidden)."""
         per_example = self.n_layers * self.hidden_size * (4 + self.itemsize) + (self.vocab_size or 0) * self.itemsize
-        return self.n_tokens * self.hidden_bytes_per_token + self.n_examples * per_example
+        per_token = self.hidden_bytes_per_token + (4 if self.token_ids else 0)
+        return self.n_tokens * per_token + self.n_examples * per_example
+
+
+def segment_attributes(shape: SegmentShape, store_id: str | None = None, shard_id: int | None = None) -> dict:
+    """The segment group's attributes: enough to interpret its arrays without probecache or store.json."""
+    attrs = {
+        "probecache_format_version": FORMAT_VERSION,
+        "store_id": store_id,
+        "shard_id": shard_id,
+        "n_layers": shape.n_layers,
+        "n_tokens": shape.n_tokens,
+        "n_examples": shape.n_examples,
+        "layers": LAYER_MEANING,
+        "logical_dtype": shape.logical_dtype,
+        "decoding": DECODING[shape.logical_dtype],
+        "rows": "examples are concatenated on hidden's token axis; the store's manifests/part-NNNNN.parquet gives "
+                "each example's token_offset, n_tokens and row (its index in mean, last, logits)",
+    }
+    return {k: v for k, v in attrs.items() if v is not None}
 
 
 class SegmentWriter:
     """Append examples in order; ``close()`` flushes the tail and the per-example arrays."""
 
-    def __init__(self, path: Path, shape: SegmentShape, pool: Executor | None = None):
+    def __init__(self, path: Path, shape: SegmentShape, pool: Executor | None = None, *,
+                 store_id: str | None = None, shard_id: int | None = None):
         self.path = Path(path)
         self._pool = pool  # optional threads for blosc (GPU hosts have idle cores; 2-core CPUs do not)
         self.shape = shape
         s = shape
         dtype = storage_dtype(s.logical_dtype)
-        group = zarr.open_group(str(self.path), mode="w-")
-        self._hidden = group.create_array(
-            "hidden", shape=(s.n_layers, max(s.n_tokens, 1), s.hidden_size), dtype=dtype,
+        # zarr_format explicit: a user's zarr config may default to v2, which has no dimension_names or sharding
+        group = zarr.open_group(str(self.path), mode="w-", zarr_format=3,
+                                attributes=segment_attributes(s, store_id, shard_id))
+        self._tokens = max(s.n_tokens, 1)  # the token axis' length (zarr arrays cannot be empty here)
+        group.create_array(
+            "hidden", shape=(s.n_layers, self._tokens, s.hidden_size), dtype=dtype,
             chunks=(1, TOKENS_PER_CHUNK, s.hidden_size),
             shards=(s.n_layers, TOKENS_PER_ZARR_SHARD, s.hidden_size),
-            compressors=activation_codec(), fill_value=0,
+            compressors=activation_codec(), fill_value=0, chunk_key_encoding=CHUNK_KEY_ENCODING,
+            dimension_names=DIMENSIONS["hidden"],
             attributes={"logical_dtype": s.logical_dtype, "n_tokens": s.n_tokens},
             # zarr otherwise compares every chunk with the fill value before writing it: a full extra pass
             # over the data, and activations are never all zero
@@ -88,6 +148,7 @@ class SegmentWriter:
         self._mean = np.empty((s.n_examples, s.n_layers, s.hidden_size), dtype=np.float32)
         self._last = np.empty((s.n_examples, s.n_layers, s.hidden_size), dtype=dtype)
         self._logits = None if s.vocab_size is None else np.empty((s.n_examples, s.vocab_size), dtype=dtype)
+        self._token_ids = np.zeros(self._tokens, dtype=np.int32) if s.token_ids else None  # (T_seg,)
         self._rows = 0
         self.files: dict[str, tuple[int, str]] = {}  # relative path -> (size, crc32c), filled by close()
         # every file this writer has written so far: what must still be there when it commits (see damage())
@@ -105,14 +166,20 @@ class SegmentWriter:
     def tokens_written(self) -> int:
         return self._flushed + self._buffered
 
-    def append(self, hidden: Sequence[np.ndarray], mean: np.ndarray, logits: np.ndarray | None = None
-               ) -> tuple[int, int]:
+    def append(self, hidden: Sequence[np.ndarray], mean: np.ndarray, logits: np.ndarray | None = None,
+               token_ids: Sequence[int] | None = None) -> tuple[int, int]:
         """Add one example: ``hidden[l]`` is layer l's (n, d) states in storage dtype (a 3-D array or a
-        list of per-layer arrays), ``mean`` its (L+1, d) float32 means. Returns its (row, token_offset)."""
+        list of per-layer arrays), ``mean`` its (L+1, d) float32 means, ``token_ids`` its n kept ids (required
+        when the shape stores them). Returns its (row, token_offset)."""
         n = hidden[0].shape[0]
         row, offset = self._rows, self.tokens_written
         if row >= self.shape.n_examples or offset + n > self.shape.n_tokens:
             raise ValueError("segment overflow: more examples or tokens than planned")
+        if self._token_ids is not None:
+            ids = np.asarray(token_ids, dtype=np.int64)  # (n,); int64 first so an id >= 2^31 is caught, not wrapped
+            if ids.shape != (n,) or (n and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max)):
+                raise ValueError(f"token ids must be {n} ids in 0..2^31-1 (one per hidden state), got {ids.shape}")
+            self._token_ids[offset : offset + n] = ids
         self._mean[row] = mean
         for layer in range(self.shape.n_layers):
             self._last[row, layer] = hidden[layer][n - 1]
@@ -135,8 +202,11 @@ class SegmentWriter:
         shard = self._flushed // TOKENS_PER_ZARR_SHARD
         data = encode_shard(self._buffer[:, : self._buffered], TOKENS_PER_CHUNK, TOKENS_PER_ZARR_SHARD,
                             self._codec, fill_value=0, pool=self._pool)
-        key = "hidden/" + self._hidden.metadata.encode_chunk_key((0, shard, 0))
-        sync(self._group.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+        key = chunk_key("hidden", (0, shard, 0))
+        path = self.path / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "xb") as f:  # "x": each zarr shard file is written once; an existing one is a bug
+            f.write(data)
         self.files[key] = (len(data), crc32c_hex(data))
         self._written.add(key)
         crash_point("zarr-shard-written")
@@ -152,21 +222,24 @@ class SegmentWriter:
             )
         if self._buffered:
             self._flush()
-        per_example = {"mean": self._mean, "last": self._last}
+        whole = {"mean": self._mean, "last": self._last}  # arrays written in one go at the end
         if self._logits is not None:
-            per_example["logits"] = self._logits
-        for name, data in per_example.items():
-            chunks = (min(64, max(len(data), 1)), *data.shape[1:])
-            array = self._group.create_array(
-                name, data=data, chunks=chunks, compressors=activation_codec(),
-                attributes={"logical_dtype": "float32" if name == "mean" else s.logical_dtype},
+            whole["logits"] = self._logits
+        if self._token_ids is not None:
+            whole["token_ids"] = self._token_ids
+        for name, data in whole.items():
+            rows = TOKEN_IDS_PER_CHUNK if name == "token_ids" else 64
+            chunks = (min(rows, max(len(data), 1)), *data.shape[1:])
+            logical = {"mean": "float32", "token_ids": "int32"}.get(name, s.logical_dtype)
+            self._group.create_array(
+                name, data=data, chunks=chunks, compressors=activation_codec(), attributes={"logical_dtype": logical},
+                chunk_key_encoding=CHUNK_KEY_ENCODING, dimension_names=DIMENSIONS[name],
                 # every chunk is written, all-zero ones too: the set of files is then known in advance, and a
                 # chunk missing at commit time is damage, never "zarr skipped it"
                 config={"write_empty_chunks": True},
             )
             grid = [range(math.ceil(n / c)) for n, c in zip(data.shape, chunks, strict=True)]
-            self._written |= {f"{name}/zarr.json"} | {f"{name}/" + array.metadata.encode_chunk_key(coords)
-                                                       for coords in itertools.product(*grid)}
+            self._written |= {f"{name}/zarr.json"} | {chunk_key(name, coords) for coords in itertools.product(*grid)}
         self.files = segment_files(self.path, known=self.files)
         return sum(size for size, _ in self.files.values())
 

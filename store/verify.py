@@ -357,6 +357,8 @@ def _check_shapes(folder, info: dict, where: str, n: int, total: int, problem: C
     }
     if info.get("capture", {}).get("logits"):
         expected["logits"] = (n, info["model"].get("vocab_size"))
+    if info.get("capture", {}).get("token_ids"):
+        expected["token_ids"] = (max(total, 1),)  # aligned with hidden's token axis
     try:
         group = zarr.open_group(str(folder) if isinstance(folder, Path) else folder, mode="r")
         for name, shape in expected.items():
