@@ -95,7 +95,10 @@ def _dask_shard(config: ExtractConfig, shard_id: int) -> dict:
 
 def run_dask(prep, launch: LaunchConfig, pending: list[int]):
     """One task per pending shard on a dask cluster (a LocalCluster unless --scheduler is given)."""
-    from dask.distributed import Client, LocalCluster, as_completed
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError:  # an optional extra: extraction on one machine does not need it
+        raise ExtractError("--executor dask needs dask.distributed: pip install 'probecache[dask]'") from None
 
     from .shard import RunTotals
 

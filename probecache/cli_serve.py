@@ -228,7 +228,7 @@ def register(app: typer.Typer) -> None:
         dtype: DtypeOpt = None,
         model: ModelOpt = None,
     ) -> None:
-        """A small HTTP endpoint: POST /classify and /generate with JSON, GET /health.
+        """A small HTTP endpoint: POST /classify and /generate with JSON, GET /health and /openapi.json.
 
         Bodies: {"texts": [...]}; /generate also max_new_tokens, refusal, refuse_on (adds to --refuse-on, never lifts).
         Overload answers 503 with Retry-After; too-long prompts 413 (see --truncate).
@@ -246,8 +246,8 @@ def register(app: typer.Typer) -> None:
                                  max_chars=max_chars)
         except (*user_errors(), ValueError, OSError) as e:
             fail(e)
-        typer.echo(f"serving {', '.join(probed.names)} on {server.url} (POST /classify, /generate; GET /health); "
-                   "Ctrl-C stops", err=True)
+        typer.echo(f"serving {', '.join(probed.names)} on {server.url} (POST /classify, /generate; GET /health, "
+                   "/openapi.json); Ctrl-C stops", err=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:

@@ -6,6 +6,7 @@
                       "refusal": "...", "truncate": false}
                      -> {"results": [{"text", "refused", "refused_by", "probes", ...}, ...]}
     GET  /health     -> {"status": "ok", "probes": {run name: {kind, labels, threshold}}, "model": ..., "limits"}
+    GET  /openapi.json -> the OpenAPI 3.1 document of all of the above, with this server's limits (serve/api.py)
 
 Decisions:
 
@@ -50,6 +51,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from .api import allowed, find, openapi_document, route_list
 from .errors import PromptTooLong
 from .limits import MAX_JSON_DEPTH, too_deep
 from .policy import DEFAULT_REFUSAL, merge
@@ -61,7 +63,6 @@ MAX_BODY_BYTES = 1 << 20
 MAX_TEXTS = 64
 MAX_NEW_TOKENS = 512
 MAX_CHARS = 65_536  # per text: a 300k-character prompt held a CPU model for 77 s
-METHODS = {"/health": "GET, HEAD", "/classify": "POST", "/generate": "POST"}  # path -> the Allow header
 DRAIN_BYTES = 16 << 20  # an oversized body up to this size is read and dropped, so that the client reads its 413
 LINGER_SECONDS = 2.0  # after answering a request whose body was not read: how long to read and drop the rest
 _CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
@@ -231,6 +232,16 @@ class ProbeServer(ThreadingHTTPServer):
         return {"status": "ok", "probes": probes, "model": self.probed.runs[0].store.get("model"),
                 "refuse_on": self.refuse_on, "limits": limits}
 
+    def openapi(self) -> dict:
+        """The OpenAPI 3.1 document of this server (routes from serve/api.py ROUTES, limits from health())."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            release = version("probecache")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            release = "0+unknown"
+        return openapi_document(self.health()["limits"], release)
+
     def _truncate(self, body: dict, guarded: bool) -> bool:
         value = body.get("truncate", self.truncate)
         if not isinstance(value, bool):
@@ -319,13 +330,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _no_such_route(self, path: str) -> None:
         """404 for an unknown path; 405 with ``Allow`` for a known path asked with another method."""
         self._discard_body()
-        allowed = METHODS.get(path)
-        if allowed is None:
-            self._send(HTTPStatus.NOT_FOUND, {"error": f"unknown path {path}: GET /health, POST /classify, "
-                                                       "POST /generate"})
+        methods = allowed(path)
+        if methods is None:
+            self._send(HTTPStatus.NOT_FOUND, {"error": f"unknown path {path}: {route_list()}"})
         else:
             self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{self.command} {path} is not served: use "
-                                                                f"{allowed} {path}"}, {"Allow": allowed})
+                                                                f"{methods} {path}"}, {"Allow": methods})
 
     def _discard_body(self) -> None:
         length = self._length()
@@ -334,10 +344,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = self.unread = True
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-        if self._route() == "/health":
-            self._send(HTTPStatus.OK, self.server.health())
-        else:
+        route = find("GET", self._route())  # the routes of serve/api.py, which /openapi.json documents
+        if route is None:
             self._no_such_route(self._route())
+        else:
+            self._send(HTTPStatus.OK, getattr(self.server, route.handler)())
 
     do_HEAD = do_GET  # noqa: N815 - the stdlib's name; _send writes no body for HEAD
 
@@ -413,16 +424,16 @@ class _Handler(BaseHTTPRequestHandler):
         return body
 
     def do_POST(self) -> None:  # noqa: N802
-        routes = {"/classify": self.server.plan_classify, "/generate": self.server.plan_generate}
-        route = routes.get(self._route())
+        route = find("POST", self._route())
         if route is None:
             self._no_such_route(self._route())
             return
+        plan = getattr(self.server, route.handler)
         body = self._read_body()
         if body is None:
             return
         try:
-            call = route(body)  # everything a request can get wrong is refused here, before it queues
+            call = plan(body)  # everything a request can get wrong is refused here, before it queues
             with self.server.admission.slot():
                 result = call()
             self._send(HTTPStatus.OK, result)

@@ -7,7 +7,10 @@ still a dependency), relative imports resolved, and the graph checked against th
     lm (model + tokenisation)  <  extract, serve
 
 A stage never imports the front door; store and manifests import no higher stage; train imports neither the
-extract stage nor transformers (not even through another of our modules); no module cycle exists.
+extract stage nor transformers (not even through another of our modules, not even lazily); no module cycle
+exists. And what a stage does not need is not loaded when it is imported: extract, store and serve load no
+scikit-learn, matplotlib or dask (module-level imports, followed through our modules; a function-level import
+of an optional part is fine).
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ ALLOWED = {
     "train": {"manifests", "store", "lm"},
     "serve": {"manifests", "store", "lm", "train"},
 }
-# third-party packages a stage may not import, directly or through any of our modules it imports
-FORBIDDEN_EXTERNAL = {"train": {"transformers"}, "store": {"transformers", "sklearn", "matplotlib"},
-                      "manifests": {"torch", "transformers", "zarr"}}
+# third-party packages a stage may never import, directly or through any of our modules it imports
+NEVER = {"train": {"transformers"}, "store": {"transformers", "sklearn", "matplotlib"},
+         "manifests": {"torch", "transformers", "zarr"}}
+# third-party packages importing a stage's modules must not load (module-level imports, followed)
+NOT_AT_IMPORT = {stage: {"sklearn", "scipy", "matplotlib", "dask", "distributed"}
+                 for stage in ("store", "lm", "extract", "serve")}
 
 
 def module_files() -> dict[str, Path]:
@@ -46,12 +52,14 @@ def module_files() -> dict[str, Path]:
     return found
 
 
-def imports_of(name: str, path: Path) -> set[str]:
-    """Absolute names of everything ``path`` imports (``from x import y`` gives x and x.y)."""
+def imports_of(name: str, path: Path, module_level: bool = False) -> set[str]:
+    """Absolute names of everything ``path`` imports (``from x import y`` gives x and x.y); ``module_level``: only
+    what importing the module runs (not inside functions or classes, nor under ``if TYPE_CHECKING``)."""
     is_package = path.name == "__init__.py"
     package = name if is_package else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    for node in (_module_level(tree.body) if module_level else ast.walk(tree)):
         if isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -66,16 +74,38 @@ def imports_of(name: str, path: Path) -> set[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
-    """(module -> our modules it imports, module -> top-level third-party packages it imports)."""
+def _module_level(body: list[ast.stmt]):
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        yield node
+        for field in ("body", "orelse", "finalbody", "handlers"):
+            for child in getattr(node, field, []):
+                yield from _module_level([child] if isinstance(child, ast.stmt) else child.body)
+
+
+def _graph(module_level: bool) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     files = module_files()
     internal, external = {}, {}
     for name, path in files.items():
-        names = imports_of(name, path)
+        names = imports_of(name, path, module_level)
         internal[name] = {n for n in names if n in files and n != name}
         external[name] = {n.split(".")[0] for n in names if not n.startswith(FRONT_DOOR)}
     return internal, external
+
+
+@pytest.fixture(scope="module")
+def graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """(module -> our modules it imports, module -> top-level third-party packages it imports), lazy imports too."""
+    return _graph(module_level=False)
+
+
+@pytest.fixture(scope="module")
+def import_time_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """The same for what importing each module runs."""
+    return _graph(module_level=True)
 
 
 def stage_of(module: str) -> str:
@@ -101,15 +131,25 @@ def reachable(start: str, internal: dict[str, set[str]]) -> set[str]:
     return seen
 
 
-def test_forbidden_packages_are_not_reached(graph):
+def forbidden_reached(graph, forbidden_by_stage: dict[str, set[str]]) -> list[str]:
     internal, external = graph
     wrong = []
     for module in internal:
-        forbidden = FORBIDDEN_EXTERNAL.get(stage_of(module), set())
+        forbidden = forbidden_by_stage.get(stage_of(module), set())
         for dep in sorted(reachable(module, internal)):
             if hits := external[dep] & forbidden:
                 wrong.append(f"{module} reaches {', '.join(sorted(hits))} through {dep}")
+    return wrong
+
+
+def test_forbidden_packages_are_never_imported(graph):
+    wrong = forbidden_reached(graph, NEVER)
     assert not wrong, "\n".join(wrong)
+
+
+def test_optional_parts_are_not_loaded_at_import(import_time_graph):
+    wrong = forbidden_reached(import_time_graph, NOT_AT_IMPORT)
+    assert not wrong, "import them where they are used:\n" + "\n".join(wrong)
 
 
 def test_no_import_cycles(graph):
@@ -134,10 +174,12 @@ def test_no_import_cycles(graph):
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
-def test_the_checker_sees_what_it_checks(graph):
-    """The graph is not empty or blind: known edges are found, lazy imports included."""
+def test_the_checker_sees_what_it_checks(graph, import_time_graph):
+    """The graphs are not empty or blind: known edges are found, lazy imports only in the full graph."""
     internal, external = graph
     assert "probecache.store.errors" in internal["probecache.store.reader"]
     assert "torch" in external["probecache.store.reader"]
+    assert "dask" in external["probecache.extract.launchers"]  # imported inside run_dask
+    assert "dask" not in import_time_graph[1]["probecache.extract.launchers"]
     assert any(stage_of(d) == "extract" for d in internal["probecache.cli"])
     assert len(internal) > 60
