@@ -92,7 +92,7 @@ class RemoteSync:
         segments/ gives every object's size) is copied to a reserved name and deleted, so its shard is
         extracted again. Parts are read through the reader's mirror (fetched once, then cached)."""
         from probecache.manifests.schema import ManifestError, read_part
-        from probecache.store.remote_reader import mirror_dir, sync_metadata
+        from probecache.store.mirror import mirror_dir, sync_metadata
 
         if not committed_parts(self.remote):
             return []

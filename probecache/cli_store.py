@@ -25,13 +25,12 @@ _MAX_PROBLEM_LINES = 50  # a badly damaged store can have thousands; the first o
 _STORE_HELP = "A store: ROOT/<store_id>, a folder or a URL (s3://bucket/prefix/<store_id>)."
 
 
-def _where(text: str) -> tuple[str, bool]:
-    """A STORE argument in canonical form and whether it is a URL. Through parse_root (store/remote.py), so an
-    ``S3://KEY:SECRET@...`` or ``s3:/...`` is refused or read as the URL it is, never used as a local folder."""
-    from probecache.store.remote import is_remote, root_text
+def _where(text: str) -> str:
+    """A STORE argument in canonical form. Through parse_root (store/remote.py), so an ``S3://KEY:SECRET@...`` or
+    ``s3:/...`` is refused or read as the URL it is, never used as a local folder."""
+    from probecache.store.remote import root_text
 
-    text = root_text(text)
-    return text, is_remote(text)
+    return root_text(text)
 
 
 @store_app.command("info")
@@ -120,24 +119,21 @@ def store_ls(
 
 @store_app.command("status")
 def store_status_cmd(
-    store: Annotated[str, typer.Argument(help="A store folder: ROOT/<store_id>.")],
+    store: Annotated[str, typer.Argument(help=_STORE_HELP)],
     stale_after: Annotated[
         str, typer.Option("--stale-after", help="An uncommitted shard with no write for this long is stale "
                           "(its worker died): 30m, 6h, 2d.")
     ] = "6h",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ) -> None:
-    """How far an extraction has got: shards committed / in progress / failed / stale, rate and ETA."""
-    from probecache.store.errors import StoreError
+    """How far an extraction has got: shards committed / in progress / failed / stale, rate and ETA.
+
+    On a URL: the committed shards and the uploads in flight (attempts still writing on an extracting host show
+    in its staging folder's status)."""
     from probecache.store.status import format_status, store_status
 
     try:
-        store, url = _where(store)
-        if url:
-            raise StoreError("store status reads the attempts in progress on the machine that runs them: on a "
-                             "URL, `probecache store info` shows the committed shards (run status on the "
-                             "extracting host)")
-        status = store_status(store, stale_after=_age(stale_after, "--stale-after"))
+        status = store_status(_where(store), stale_after=_age(stale_after, "--stale-after"))
     except user_errors() as e:
         fail(e)
     if as_json:
@@ -160,13 +156,7 @@ def store_verify(
     from probecache.store.verify import verify_store
 
     try:
-        store, url = _where(store)
-        if url:
-            from probecache.store.remote_verify import verify_remote
-
-            report = verify_remote(store)
-        else:
-            report = verify_store(store)
+        report = verify_store(_where(store))
     except user_errors() as e:
         fail(e)
     if as_json:
@@ -204,13 +194,8 @@ def store_gc(
     from probecache.store.gc import format_gc, gc_store
 
     try:
-        store, url = _where(store)
-        if url:
-            from probecache.store.remote_verify import gc_remote
-
-            report = gc_remote(store, _age(older_than, "--older-than"), dry_run=dry_run)
-        else:
-            report = gc_store(store, _age(older_than, "--older-than"), dry_run=dry_run)
+        store = _where(store)
+        report = gc_store(store, _age(older_than, "--older-than"), dry_run=dry_run)
     except user_errors() as e:
         fail(e)
     except OSError as e:  # a permission or I/O error mid-way: what was removed so far was removable

@@ -34,7 +34,6 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from .errors import StoreError
 
@@ -141,30 +140,15 @@ def lease_state(data: bytes | None, mtime: float, now: float) -> LeaseState:
     return LeaseState(idle < LEASE_TTL_SECONDS, f"heartbeat {max(idle, 0.0):.0f}s ago")
 
 
-def local_lease(store: Path, segment: str, now: float) -> LeaseState | None:
-    """The lease of ``segment`` in a local store folder, or None when it has none. Never follows a link: a link
-    or folder at the lease's name is judged by its own mtime."""
-    path = Path(store) / lease_key(segment)
-    try:
-        st = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
+def read_lease(root, segment: str, now: float) -> LeaseState | None:
+    """The lease of ``segment`` on a Root (store/remote.py: a local folder or a bucket prefix), or None when it
+    has none. Its age is the file's or object's own mtime (a local link is judged by the link, never its target's
+    mtime); content larger than any lease is not read."""
+    info = root.info(lease_key(segment))
+    if info is None:
         return None
-    data = None
-    if os.path.isfile(path) and not os.path.islink(path) and st.st_size <= _MAX_LEASE_BYTES:
-        try:
-            data = path.read_bytes()
-        except OSError:
-            data = None
-    return lease_state(data, st.st_mtime, now)
-
-
-def root_lease(root, segment: str, now: float) -> LeaseState | None:
-    """The lease of ``segment`` on a Root (store/remote.py), or None when it has none."""
-    data = root.get(lease_key(segment))
-    if data is None:
-        return None
-    info = root.list_dir(LEASES)[1].get(f"{segment}.json")
-    return lease_state(data, info.mtime if info is not None else now, now)
+    data = root.get(lease_key(segment)) if info.size <= _MAX_LEASE_BYTES else None
+    return lease_state(data, info.mtime, now)
 
 
 class LeaseKeeper:

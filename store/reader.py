@@ -12,6 +12,7 @@ the file and the fix, never a value.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property, partial
 from pathlib import Path
 
@@ -35,25 +36,29 @@ from .errors import StoreError
 from .header import label_name_mismatch, read_header
 from .layers import Layers, layer_runs, select_layers
 from .layout import StoreLayout
+from .mirror import Mirror
+from .remote import Location, check_store_name, clean_key, open_root, parse_root
 from .verified import CheckedFiles, FileRecord, VerifiedSegmentStore
 
 
 def open_store(path_or_url: str | Path, cache_size: str | int | None = None) -> Store:
     """Open a store for reading: a folder ``<root>/<store_id>`` (or file:// URL), or an object-store URL
     ``s3://bucket/prefix/<store_id>`` (also gs://, memory://) read through a size-capped local mirror
-    (``cache_size``, default $PROBECACHE_REMOTE_CACHE_SIZE or 20G; see remote_reader.py)."""
-    from .remote import Location, parse_root
-
+    (``cache_size``, default $PROBECACHE_REMOTE_CACHE_SIZE or 20G; see mirror.py)."""
     parsed = parse_root(path_or_url)
     if isinstance(parsed, Location):
-        from .remote_reader import open_remote_store
-
-        return open_remote_store(parsed.url, cache_size)
+        mirror = Mirror(parsed.url, cache_size)
+        return Store(mirror.path, mirror)
     return Store(parsed)
 
 
 class Store:
-    def __init__(self, path: Path):
+    """A store read from a local folder, or (``mirror``) from object storage through its local mirror: the same
+    checks either way, only where segment bytes come from differs (``_segment_store``)."""
+
+    def __init__(self, path: Path, mirror: Mirror | None = None):
+        self.mirror = mirror
+        self.url: str | None = mirror.url if mirror is not None else None  # what a remote store is called
         self.layout = StoreLayout(Path(path))
         self.info: dict = read_header(self.layout.path)
         self._groups: dict[str, zarr.Group] = {}
@@ -85,7 +90,7 @@ class Store:
         return self.info["dataset"]["label_names"]
 
     def __repr__(self) -> str:
-        return f"Store({str(self.path)!r})"
+        return f"Store({self.url or str(self.path)!r})"
 
     # ---- manifest ---------------------------------------------------------------------------------
 
@@ -124,7 +129,9 @@ class Store:
             tables.append(table)
             files = stats.get("files")
             if isinstance(files, dict) and isinstance(segment, str):
-                records[segment] = {k: (int(v[0]), str(v[1])) for k, v in files.items()}
+                # the names become paths in a mirror: a damaged or hostile record must not point outside it
+                records[segment] = {clean_key(k, f"{self.path}/manifests/{part.name}: file"): (int(v[0]), str(v[1]))
+                                    for k, v in files.items()}
         manifest = concat_parts(tables)
         self._check_label_names(manifest)
         return manifest, records
@@ -143,8 +150,12 @@ class Store:
 
     def segment_files(self, segment: str) -> FileRecord | None:
         """{file: (size, crc32c)} of a committed segment from its commit record (None for parts written before
-        records existed, which `store verify` reports)."""
-        return self._committed[1].get(segment)
+        records existed, which `store verify` reports; a mirror fetches only recorded files, so none there)."""
+        files = self._committed[1].get(segment)
+        if files is None and self.mirror is not None:
+            raise StoreError(f"segment {segment!r} of {self.url} has no commit record of its files: run "
+                             "`probecache store verify` on it")
+        return files
 
     @cached_property
     def _index(self) -> dict[str, tuple[str, int, int, int]]:
@@ -160,6 +171,8 @@ class Store:
             raise StoreError(f"example {example_id!r} is not in store {self.store_id} (or not committed)") from None
 
     def _segment_store(self, segment: str, files: FileRecord) -> VerifiedSegmentStore:
+        if self.mirror is not None:  # fetched whole on first read, checked, kept in the mirror
+            return self.mirror.segment_store(segment, files, self._checked)
         where = f"{self.path}/segments/{segment}"
         return VerifiedSegmentStore(self.layout.segment(segment), files, self._checked, where)
 
@@ -296,7 +309,7 @@ class Store:
         info, model, dataset = self.info, self.info["model"], self.info["dataset"]
         return {
             "store_id": self.store_id,
-            "path": str(self.path),
+            "path": self.url or str(self.path),
             "model": model["name"],
             "model_weights": model["weights_id"],
             "dataset": dataset["name"],
@@ -325,25 +338,25 @@ def _rows_then_layers(array, lo: int, hi: int, layers: slice):
 
 
 def list_stores(root: str | Path) -> list[dict]:
-    """Summaries of every store directly under ``root`` (folders holding a store.json), newest first.
-    ``root`` may be an object-store URL (s3://bucket/prefix)."""
-    from .remote import Location, parse_root
-
+    """Summaries of every store directly under ``root`` (a folder or an object-store URL: folders holding a
+    store.json), newest first; a damaged store is listed with what is wrong instead of failing the listing."""
     parsed = parse_root(root)
-    if isinstance(parsed, Location):
-        from .remote_reader import list_remote_stores
+    if isinstance(parsed, Path) and not parsed.is_dir():
+        raise StoreError(f"store root {parsed} does not exist: pass --root or set PROBECACHE_ROOT")
+    top = open_root(root)
 
-        return list_remote_stores(parsed.url)
-    root = parsed
-    if not root.is_dir():
-        raise StoreError(f"store root {root} does not exist: pass --root or set PROBECACHE_ROOT")
-    found = [_summary_or_damage(p) for p in sorted(root.iterdir()) if (p / "store.json").is_file()]
+    def summary(name: str) -> dict | None:
+        try:
+            child = top.child(check_store_name(name))
+        except StoreError:
+            return None  # not a name the extractor writes
+        if child.info("store.json") is None:
+            return None
+        try:
+            return open_store(child.url).summary()
+        except StoreError as e:
+            return {"store_id": name, "path": child.url, "damaged": str(e), "created": ""}
+
+    with ThreadPoolExecutor(8) as pool:  # one store.json (and a manifests listing) per store: latency-bound remotely
+        found = [s for s in pool.map(summary, top.list_dir("")[0]) if s is not None]
     return sorted(found, key=lambda s: s["created"], reverse=True)
-
-
-def _summary_or_damage(path: Path) -> dict:
-    """A store's summary; a damaged one is listed with what is wrong instead of failing the whole listing."""
-    try:
-        return open_store(path).summary()
-    except StoreError as e:
-        return {"store_id": path.name, "path": str(path), "damaged": str(e), "created": ""}

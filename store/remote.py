@@ -23,14 +23,18 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import stat
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from .commit import TEMP_PREFIX, create_if_absent, temp_path, write_synced
 from .errors import StoreError
+from .faults import crash_point
 
 REMOTE_SCHEMES = ("s3", "gs", "memory")
 DEFAULT_RETRY_SECONDS = 60.0  # per request; PROBECACHE_REMOTE_RETRY_SECONDS overrides
@@ -331,21 +335,64 @@ def _has_boto3() -> bool:
 class ObjectInfo:
     size: int
     mtime: float  # seconds since the epoch (last modified)
+    nlink: int = 1  # hard links (local files): a temp file still linked to its part frees nothing when removed
+
+
+DELETING = ".probecache-deleting-"  # <folder>/<this><name>: a tree gc renamed away before removing it (local)
+LEGACY_DELETING = ".deleting-"  # older versions; recognised only before an exact segment name
 
 
 class Root:
     """What the store code needs from a place that holds stores: whole-object reads and writes, listings,
-    and create-if-absent. Keys are relative to the root and validated."""
+    create-if-absent, and the few maintenance operations whose mechanics differ per kind (removing a tree,
+    summing one up, links). Keys are relative to the root and validated. verify, gc, status, the reader and
+    transfer are written once against this interface; tests/store/test_root_contract.py holds every kind to it.
+    """
 
     url: str
+    keeps_empty_folders = False  # a local folder exists while empty; an object-store "folder" is its objects
 
     def child(self, rel: str) -> Root: ...
     def get(self, rel: str) -> bytes | None: ...  # None when absent
     def put(self, rel: str, data: bytes) -> None: ...
     def put_if_absent(self, rel: str, data: bytes) -> bool: ...
     def list(self, rel: str = "") -> dict[str, ObjectInfo]: ...  # recursive; keys relative to ``rel``
-    def list_dir(self, rel: str = "") -> tuple[list[str], dict[str, ObjectInfo]]: ...  # (folders, files)
-    def delete(self, rel: str) -> None: ...
+    # (folders, files) directly under ``rel``; names starting with "." (temp files, set-aside records, trees
+    # being deleted) only with ``hidden``
+    def list_dir(self, rel: str = "", hidden: bool = False) -> tuple[list[str], dict[str, ObjectInfo]]: ...
+    def info(self, rel: str) -> ObjectInfo | None: ...  # a file's size and mtime, never through a link
+    def delete(self, rel: str) -> None: ...  # absent is fine
+    def rename(self, src: str, dst: str) -> bool: ...  # a tree, never over an existing one; False if src is gone
+    def delete_tree(self, rel: str) -> None: ...
+
+    @property
+    def name(self) -> str:
+        """The last component of the root (a store's folder name is its store id)."""
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    def links(self, rel: str = "") -> list[str]:
+        """Names directly under ``rel`` that are symbolic links (only local folders have them)."""
+        return []
+
+    def tree(self, rel: str) -> tuple[int, float]:
+        """(bytes, newest mtime) of everything under ``rel``: what a tree frees and when it was last written."""
+        listed = self.list(rel).values()
+        return sum(i.size for i in listed), max((i.mtime for i in listed), default=0.0)
+
+    def checksum(self, rel: str) -> tuple[int, str] | None:
+        """(size, crc32c hex) of one file, None when absent."""
+        from .integrity import crc32c_hex  # pyarrow behind it: never on the CLI's --help path
+
+        data = self.get(rel)
+        return None if data is None else (len(data), crc32c_hex(data))
+
+    def remove_tree(self, rel: str, in_use: Callable[[], bool]) -> bool:
+        """Remove the tree ``rel`` unless ``in_use()`` (asked right before; a writer may have woken up). True when
+        removed. Objects have no rename: the check, then every object, one DELETE each."""
+        if in_use():
+            return False
+        self.delete_tree(rel)
+        return True
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
@@ -436,7 +483,7 @@ class ObjectRoot(Root):
             raise self._fail(e, "list", rel) from None
         return out
 
-    def list_dir(self, rel: str = "") -> tuple[list[str], dict[str, ObjectInfo]]:
+    def list_dir(self, rel: str = "", hidden: bool = False) -> tuple[list[str], dict[str, ObjectInfo]]:
         import obstore
 
         REQUESTS["list"] += 1
@@ -449,7 +496,40 @@ class ObjectRoot(Root):
         folders = sorted(p[strip:].rstrip("/") for p in found["common_prefixes"])
         files = {m["path"][strip:]: ObjectInfo(int(m["size"]), m["last_modified"].timestamp())
                  for m in found["objects"]}
+        if not hidden:
+            folders = [f for f in folders if not f.startswith(".")]
+            files = {n: i for n, i in files.items() if not n.startswith(".")}
         return folders, files
+
+    def info(self, rel: str) -> ObjectInfo | None:
+        import obstore
+        import obstore.exceptions as oe
+
+        REQUESTS["head"] += 1
+        try:
+            meta = obstore.head(self._store, self.location.key(rel))
+        except (FileNotFoundError, oe.NotFoundError):
+            return None
+        except Exception as e:
+            raise self._fail(e, "read", rel) from None
+        return ObjectInfo(int(meta["size"]), meta["last_modified"].timestamp())
+
+    def rename(self, src: str, dst: str) -> bool:
+        """Copy every object, then delete the originals (object stores have no rename; gc never needs one here:
+        only local gc hides a tree before deleting it)."""
+        objects = self.list(src)
+        if not objects or self.list(dst):
+            return False
+        for key in objects:
+            data = self.get(f"{src}/{key}")
+            if data is not None:
+                self.put(f"{dst}/{key}", data)
+        self.delete_tree(src)
+        return True
+
+    def delete_tree(self, rel: str) -> None:
+        for key in self.list(rel):
+            self.delete(f"{rel}/{key}")
 
     def delete(self, rel: str) -> None:
         import obstore
@@ -465,7 +545,10 @@ class ObjectRoot(Root):
 
 
 class LocalRoot(Root):
-    """A local folder behind the same interface (push/pull between local and object storage share code)."""
+    """A local folder behind the same interface. Symbolic links are never followed by maintenance: ``links``
+    names them, ``info`` and ``tree`` look at the link itself, and ``remove_tree`` never crosses one."""
+
+    keeps_empty_folders = True
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -482,6 +565,9 @@ class LocalRoot(Root):
             return self._file(rel).read_bytes()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
+        except PermissionError:
+            raise StoreError(f"{self._file(rel)} cannot be read (permission denied): check the store's "
+                             "permissions") from None
 
     def put(self, rel: str, data: bytes) -> None:
         """Whole file or nothing: temp file, fsync, rename (a reader never sees a partial file)."""
@@ -511,23 +597,96 @@ class LocalRoot(Root):
                 out[path.relative_to(base).as_posix()] = ObjectInfo(st.st_size, st.st_mtime)
         return out
 
-    def list_dir(self, rel: str = "") -> tuple[list[str], dict[str, ObjectInfo]]:
+    def list_dir(self, rel: str = "", hidden: bool = False) -> tuple[list[str], dict[str, ObjectInfo]]:
         base = self._file(rel)
         if not base.is_dir():
             return [], {}
         folders, files = [], {}
         for p in sorted(base.iterdir()):
-            if p.name.startswith("."):
+            if p.name.startswith(".") and not hidden:
                 continue
-            if p.is_dir():
-                folders.append(p.name)
-            elif p.is_file():
-                st = p.stat()
-                files[p.name] = ObjectInfo(st.st_size, st.st_mtime)
+            try:
+                if p.is_dir():
+                    folders.append(p.name)
+                elif p.is_file():
+                    st = p.stat()
+                    files[p.name] = ObjectInfo(st.st_size, st.st_mtime, st.st_nlink)
+            except FileNotFoundError:  # removed while we list (a commit's temp file, a gc)
+                continue
         return folders, files
+
+    def info(self, rel: str) -> ObjectInfo | None:
+        try:
+            st = os.lstat(self._file(rel))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return None if stat.S_ISDIR(st.st_mode) else ObjectInfo(st.st_size, st.st_mtime, st.st_nlink)
+
+    def links(self, rel: str = "") -> list[str]:
+        base = self._file(rel)
+        if not base.is_dir():
+            return []
+        return sorted(e.name for e in os.scandir(base) if e.is_symlink())
+
+    def tree(self, rel: str) -> tuple[int, float]:
+        """Every file and folder under ``rel``, links by their own size and mtime (a running writer touches its
+        folders too), entries vanishing meanwhile skipped."""
+        total, newest = 0, 0.0
+        for directory, _, files in os.walk(self._file(rel)):
+            for name in [None, *files]:
+                try:
+                    st = os.lstat(directory if name is None else os.path.join(directory, name))
+                except FileNotFoundError:
+                    continue
+                newest = max(newest, st.st_mtime)
+                total += 0 if name is None else st.st_size
+        return total, newest
+
+    def checksum(self, rel: str) -> tuple[int, str] | None:
+        from .integrity import file_crc32c
+
+        path = self._file(rel)  # streamed: a zarr shard file is tens of MB
+        try:
+            return path.stat().st_size, file_crc32c(path)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
 
     def delete(self, rel: str) -> None:
         self._file(rel).unlink(missing_ok=True)
+
+    def rename(self, src: str, dst: str) -> bool:
+        target = self._file(dst)
+        if os.path.lexists(target):
+            return False  # never overwrite (names gc makes are unique)
+        try:
+            os.rename(self._file(src), target)
+        except FileNotFoundError:
+            return False  # another gc got there first
+        return True
+
+    def delete_tree(self, rel: str) -> None:
+        # a concurrent gc may be removing the same tree: tolerate entries vanishing, then insist it is gone.
+        # rmtree never follows links inside the tree (it unlinks them)
+        path = self._file(rel)
+        shutil.rmtree(path, ignore_errors=True)
+        if os.path.lexists(path):
+            shutil.rmtree(path)
+
+    def remove_tree(self, rel: str, in_use: Callable[[], bool]) -> bool:
+        """Rename out of the way, ask ``in_use()`` again, then remove (or put back): readers never look at hidden
+        names, and a writer that woke up or a commit that landed meanwhile keeps its tree."""
+        if in_use():
+            return False
+        parent, _, name = rel.rpartition("/")
+        hidden = f"{parent}/{DELETING}{name}" if parent else DELETING + name
+        if not self.rename(rel, hidden):
+            return False
+        crash_point("gc-delete")  # fault tests kill here: the next gc must finish (or restore) the hidden tree
+        if in_use():
+            self.rename(hidden, rel)
+            return False
+        self.delete_tree(hidden)
+        return True
 
 
 def open_root(url_or_path: str | Path) -> Root:

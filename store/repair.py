@@ -27,11 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from probecache.manifests.schema import ManifestError, read_part
+from probecache.manifests.schema import PART_NAME, ManifestError, committed_part_files, read_part
 
 from .commit import fsync_dir
 from .layout import StoreLayout, new_attempt_id
-from .status import DELETING, LEGACY_DELETING, parse_segment, part_files
+from .remote import DELETING, LEGACY_DELETING
+from .scan import parse_segment
 
 BROKEN_PREFIX = ".probecache-broken-part-"
 BROKEN_NAME = re.compile(r"\.probecache-broken-part-(\d{5,})-(\d{8}T\d{6})-([0-9a-f]{8})\.parquet")  # fullmatch
@@ -124,7 +125,8 @@ def restore_half_deleted(layout: StoreLayout, segment: str) -> bool:
 def set_aside_broken_parts(layout: StoreLayout) -> list[BrokenPart]:
     """Rename every broken committed part of a local store to a reserved name (see the module docstring)."""
     moved = []
-    for shard_id, part in sorted(part_files(layout).items()):
+    parts = {int(PART_NAME.match(p.name).group(1)): p for p in committed_part_files(layout.manifests)}
+    for shard_id, part in sorted(parts.items()):
         reason = part_damage(layout, shard_id, part)
         if reason is not None and "is missing" in reason:
             segment = _segment_named(part)

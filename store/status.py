@@ -1,4 +1,6 @@
-"""How far an extraction has got, from the store's layout alone (never the model, never array bytes).
+"""How far an extraction has got, from the store's layout alone (never the model, never array bytes), on any
+root: a local folder shows the attempts running on its machines; an object-store URL the committed shards and
+the uploads in flight (each holds a lease, store/lease.py).
 
 Every shard is in exactly one state:
     committed      its manifest part exists (the only state readers see)
@@ -9,137 +11,26 @@ Every shard is in exactly one state:
                    quiet without a failure log (killed: OOM, preemption)
     never_started  no attempt of it exists
 
-The helpers at the top (opening a store folder, parsing segment names, listing parts and attempts) are
-shared with ``verify`` and ``gc`` so the three commands agree on what the layout means.
+What the layout's names mean is store/scan.py's, shared with ``verify`` and ``gc``.
 """
 
 from __future__ import annotations
 
 import calendar
 import os
-import re
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
-from probecache.manifests.schema import PART_NAME, committed_part_files, part_stats
+import pyarrow as pa
+from probecache.manifests.schema import part_stats
 
-from .header import read_header
-from .layout import StoreLayout
-from .lease import local_lease
+from .lease import read_lease
+from .remote import ObjectInfo, Root
+from .scan import Attempt, committed_parts, open_store_root, parse_segment, segment_attempts
 
 DEFAULT_STALE_AFTER = 6 * 3600.0
 FAILED_SUFFIX = ".failed"
 TAIL_LINES = 10
-
-# shard-00042-20250101T120000-0123abcd, exactly what the writer names an attempt (layout.segment_name): the
-# shard number is zero-padded to 5 digits but may grow beyond. Matched whole (fullmatch: `$` would accept a
-# trailing newline), so gc and verify never take a user's folder for one of ours.
-_SEGMENT = re.compile(r"shard-(\d{5,})-(\d{8}T\d{6})-([0-9a-f]{8})")
-
-
-DELETING = ".probecache-deleting-"  # segments/<this><segment>: a segment gc renamed away before removing it
-LEGACY_DELETING = ".deleting-"  # older versions; recognised only before an exact segment name
-
-
-# ---- shared helpers ---------------------------------------------------------------------------------
-
-
-def open_layout(path: str | Path) -> tuple[StoreLayout, dict]:
-    """The layout and parsed store.json of a store folder; StoreError when it is not one."""
-    folder = Path(str(path).removeprefix("file://")).expanduser()
-    info = read_header(folder)
-    return StoreLayout(folder), info
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One attempt of one shard, named by its segment (the folder may not exist if it failed early)."""
-
-    name: str
-    shard_id: int
-    started: float  # UTC start time from the name (second resolution)
-
-
-def parse_segment(name: str) -> Attempt | None:
-    """The attempt a segment name encodes, or None for a name that is not a segment of ours."""
-    m = _SEGMENT.fullmatch(name) if isinstance(name, str) else None
-    if m is None:
-        return None
-    try:
-        started = calendar.timegm(time.strptime(m.group(2), "%Y%m%dT%H%M%S"))
-    except ValueError:  # 20251399T... has the shape but is no time the writer wrote
-        return None
-    return Attempt(name, int(m.group(1)), float(started))
-
-
-def part_files(layout: StoreLayout) -> dict[int, Path]:
-    """shard id -> committed part file. Temp files (``.tmp-*``) never match, so they are not commits."""
-    return {int(PART_NAME.match(p.name).group(1)): p for p in committed_part_files(layout.manifests)}
-
-
-def segment_attempts(layout: StoreLayout) -> dict[str, Attempt]:
-    """Every real segment folder (hidden names such as ``.probecache-deleting-*`` and symbolic links excluded:
-    the writer never makes a link, and gc must never follow one) that parses as an attempt."""
-    if not layout.segments.is_dir() or layout.segments.is_symlink():
-        return {}
-    out = {}
-    for entry in os.scandir(layout.segments):
-        attempt = parse_segment(entry.name)
-        if attempt is not None and entry.is_dir(follow_symlinks=False):
-            out[entry.name] = attempt
-    return out
-
-
-def deleting_target(name: str) -> str | None:
-    """The segment a half-deleted folder held, for names gc itself made (new or older prefix + exact pattern)."""
-    for prefix in (DELETING, LEGACY_DELETING):
-        if name.startswith(prefix) and parse_segment(name[len(prefix):]) is not None:
-            return name[len(prefix):]
-    return None
-
-
-def segment_links(layout: StoreLayout) -> list[str]:
-    """Names in segments/ that are symbolic links (skipped by gc, reported by verify)."""
-    if not layout.segments.is_dir() or layout.segments.is_symlink():
-        return []
-    return sorted(e.name for e in os.scandir(layout.segments) if e.is_symlink())
-
-
-def newest_mtime(path: Path) -> float:
-    """The latest mtime of a folder, its subfolders and files: when its writer last did anything (links are
-    not followed: their own mtime counts)."""
-    newest = 0.0
-    for directory, _, files in os.walk(path):
-        for name in [None, *files]:
-            try:
-                st = os.lstat(directory if name is None else os.path.join(directory, name))
-            except FileNotFoundError:  # deleted while we walk (gc, or a writer replacing a file)
-                continue
-            newest = max(newest, st.st_mtime)
-    return newest
-
-
-def logs_dir(layout: StoreLayout) -> Path:
-    return layout.path / "logs"
-
-
-def failed_logs(layout: StoreLayout) -> dict[str, Path]:
-    """segment name -> its ``logs/<segment>.failed`` traceback."""
-    folder = logs_dir(layout)
-    if not folder.is_dir():
-        return {}
-    return {p.name.removesuffix(FAILED_SUFFIX): p for p in folder.glob(f"shard-*{FAILED_SUFFIX}")}
-
-
-def tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
-    """The last lines of a text file (a traceback ends with the error, which is what the user needs)."""
-    with open(path, "rb") as f:  # read at most the last 64 KiB: a log can be large
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - (1 << 16)))
-        text = f.read().decode(errors="replace")
-    return text.splitlines()[-lines:]
+_TAIL_BYTES = 1 << 16  # a traceback ends with the error: the last 64 KiB of a log say what the user needs
 
 
 def iso_to_epoch(stamp: str) -> float | None:
@@ -149,27 +40,29 @@ def iso_to_epoch(stamp: str) -> float | None:
         return None
 
 
-# ---- status -----------------------------------------------------------------------------------------
-
-
-def store_status(path: str | Path, stale_after: float = DEFAULT_STALE_AFTER, now: float | None = None) -> dict:
+def store_status(store: str | os.PathLike | Root, stale_after: float = DEFAULT_STALE_AFTER,
+                 now: float | None = None) -> dict:
     """Progress of a store: shard states, examples/tokens committed vs planned, rate and ETA, failures.
 
     ``stale_after`` (seconds) separates a shard a worker is still writing from one whose worker died:
     the newest attempt's last write (its folder's newest mtime, or its start time) is compared to it.
     """
-    layout, info = open_layout(path)
+    root, info = open_store_root(store)
     now = time.time() if now is None else now
     plan = info["plan"]
     n_shards = int(plan["n_shards"])
 
-    parts = part_files(layout)
-    stats = {shard: part_stats(p) for shard, p in parts.items()}
+    parts = committed_parts(root)
+    stats = {shard: part_stats(pa.BufferReader(data)) for shard, name in parts.items()
+             if (data := root.get(f"manifests/{name}")) is not None}
 
     # every attempt of a shard: its segment folder, or only its failure log when it died before writing
-    failed = failed_logs(layout)
+    _, logs = root.list_dir("logs")
+    failed = {n.removesuffix(FAILED_SUFFIX): meta for n, meta in logs.items()
+              if n.startswith("shard-") and n.endswith(FAILED_SUFFIX)}
+    folders = segment_attempts(root)
     attempts: dict[int, list[Attempt]] = {}
-    for attempt in [*segment_attempts(layout).values(), *filter(None, map(parse_segment, failed))]:
+    for attempt in [*folders.values(), *filter(None, map(parse_segment, failed))]:
         if attempt not in attempts.get(attempt.shard_id, []):
             attempts.setdefault(attempt.shard_id, []).append(attempt)
 
@@ -181,14 +74,14 @@ def store_status(path: str | Path, stale_after: float = DEFAULT_STALE_AFTER, now
         if shard not in attempts:
             shards["never_started"].append(shard)
             continue
-        newest, last_write = _newest_attempt(layout, attempts[shard], failed)
+        newest, last_write = _newest_attempt(root, attempts[shard], folders, failed)
         entry = {"shard_id": shard, "segment": newest.name, "started": _iso(newest.started),
                  "idle_seconds": round(now - last_write, 1)}
         # the attempt's lease (store/lease.py) knows better than mtimes: held by a live writer, or by a dead one
-        lease = local_lease(layout.path, newest.name, now)
+        lease = read_lease(root, newest.name, now)
         if newest.name in failed:
-            log = failed[newest.name]
-            shards["failed"].append({**entry, "log": str(log), "tail": tail(log)})
+            log = f"logs/{newest.name}{FAILED_SUFFIX}"
+            shards["failed"].append({**entry, "log": f"{root.url}/{log}", "tail": _tail(root.get(log) or b"")})
         elif lease is not None and lease.fresh:
             shards["in_progress"].append(entry)
         elif lease is None and now - last_write < stale_after:
@@ -200,10 +93,9 @@ def store_status(path: str | Path, stale_after: float = DEFAULT_STALE_AFTER, now
     tokens = sum(s.get("n_tokens", 0) for s in stats.values())
     rate = _rate(stats)
     remaining = max(int(plan.get("n_tokens", 0)) - tokens, 0)
-    slurm = sorted(p.name for p in logs_dir(layout).glob("slurm-*.out")) if logs_dir(layout).is_dir() else []
     return {
-        "store_id": info.get("store_id", layout.path.name),
-        "path": str(layout.path),
+        "store_id": info.get("store_id", root.name),
+        "path": root.url,
         "shards_total": n_shards,
         "shards": shards,
         "counts": {state: len(items) for state, items in shards.items()},
@@ -215,24 +107,29 @@ def store_status(path: str | Path, stale_after: float = DEFAULT_STALE_AFTER, now
         "tokens_per_second": rate,
         "eta_seconds": None if not rate or not remaining else round(remaining / rate, 1),
         "stale_after_seconds": stale_after,
-        "slurm_logs": slurm,
+        "slurm_logs": sorted(n for n in logs if n.startswith("slurm-") and n.endswith(".out")),
     }
 
 
-def _newest_attempt(layout: StoreLayout, attempts: list[Attempt], failed: dict[str, Path]) -> tuple[Attempt, float]:
+def _newest_attempt(root: Root, attempts: list[Attempt], folders: dict[str, Attempt],
+                    failed: dict[str, ObjectInfo]) -> tuple[Attempt, float]:
     """The attempt that last did something, and when: start times order attempts of one shard, but two
     started in the same second tie, so the folder's newest write breaks ties (and measures staleness)."""
     best: tuple[float, float, Attempt] | None = None
     for attempt in attempts:
-        folder = layout.segments / attempt.name
-        last = max(attempt.started, newest_mtime(folder) if folder.is_dir() else 0.0)
+        last = max(attempt.started, root.tree(f"segments/{attempt.name}")[1] if attempt.name in folders else 0.0)
         if attempt.name in failed:
-            last = max(last, failed[attempt.name].stat().st_mtime)
+            last = max(last, failed[attempt.name].mtime)
         key = (attempt.started, last, attempt)
         if best is None or key[:2] > best[:2]:
             best = key
     assert best is not None
     return best[2], best[1]
+
+
+def _tail(data: bytes, lines: int = TAIL_LINES) -> list[str]:
+    """The last lines of a log (a traceback ends with the error, which is what the user needs)."""
+    return data[-_TAIL_BYTES:].decode(errors="replace").splitlines()[-lines:]
 
 
 def _rate(stats: dict[int, dict]) -> float | None:
@@ -300,7 +197,7 @@ def format_status(status: dict) -> list[str]:
         lines.append(f"failed     shard {item['shard_id']} ({item['segment']}), log {item['log']}:")
         lines += [f"             | {line}" for line in item["tail"]]
     if status["slurm_logs"]:
-        lines.append(f"slurm logs {len(status['slurm_logs'])} in {Path(status['path']) / 'logs'}")
+        lines.append(f"slurm logs {len(status['slurm_logs'])} in {status['path']}/logs")
     return lines
 
 

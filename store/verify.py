@@ -1,4 +1,5 @@
-"""`verify`: prove every committed shard is exactly what its commit recorded and what the plan asked for.
+"""`verify`: prove every committed shard is exactly what its commit recorded and what the plan asked for, on any
+root (a local folder, s3://, gs://, memory://: one algorithm over store/remote.py's ``Root``).
 
 Trust flows from the commit records only: each manifest part carries {file: [size, crc32c]} for every file
 of its segment at commit time, so a flipped bit, a truncated chunk or a deleted file is caught without
@@ -6,31 +7,39 @@ trusting anything else in the segment folder. On top of the bytes, the part's ro
 segment's arrays exactly (shapes, offsets tiling the token axis, rows 0..N-1) and the plan's examples for
 that shard (ids and token counts), and plan.parquet must still hash to what store.json recorded.
 
+One listing of ``segments/`` gives every file's size, so missing, truncated and unrecorded files are found
+without reading them; then every recorded file is checksummed (``workers`` threads: a local file is streamed,
+an object downloaded and dropped) and the arrays' shapes are read from their ``zarr.json``.
+
 Leftovers of the commit protocol (``.probecache-tmp-*`` files of a killed write, orphan segments of killed or
 losing attempts, stale leases, ``.probecache-deleting-*`` folders of an interrupted gc, commit records a
 repairing extract set aside) are expected and reported as notes, not problems. A missing manifests/ folder is a
-problem: every commit record is gone, and the segments would all look like orphans to gc.
+problem on a local disk: every commit record is gone, and the segments would all look like orphans to gc.
 
 ``checksums=False`` is the structural check `store gc` runs before deleting anything: everything above except
-reading the recorded bytes (a recorded file must still exist with its recorded size).
+reading segment bytes (a recorded file must still be listed with its recorded size).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from probecache.manifests.schema import ManifestError, has_digest, read_part
+from probecache.manifests.schema import DIGEST_KEY, PART_NAME, ManifestError, read_part
 
+from .commit import TEMP_NAME
+from .errors import StoreError
 from .header import SEAL, label_name_mismatch
-from .integrity import file_crc32c, plan_digest
-from .layout import StoreLayout
-from .status import open_layout, parse_segment, part_files, segment_attempts
+from .integrity import plan_digest
+from .lease import LEASES
+from .remote import ObjectInfo, Root, clean_key
+from .repair import BROKEN_NAME, record_damage
+from .scan import deleting_target, open_store_root, parse_segment, segment_attempts, segment_objects
 
 _PART_COLUMNS = ("example_id", "shard_id", "segment", "token_offset", "n_tokens", "row")
 _SHOW = 5  # ids named per problem; the rest are counted
@@ -54,111 +63,106 @@ class VerifyReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def verify_store(path: str | Path, workers: int = 8, checksums: bool = True) -> VerifyReport:
-    """Check a store; StoreError only when ``path`` is not a store. Checksums run on ``workers`` threads;
-    ``checksums=False`` checks recorded files by size only (no bytes read: what gc needs, see above)."""
-    layout, info = open_layout(path)
-    report = VerifyReport(str(layout.path), shards_total=int(info["plan"]["n_shards"]))
-    plan = _check_plan(layout, info, report.problems.append)
-    _check_manifests_folder(layout, report.problems.append)
-    parts = part_files(layout)
-    _check_part_names(layout, parts, report.notes.append)
-    first_seen: dict[str, str] = {}  # example id -> the part that holds it first
-    duplicates: list[str] = []
-    file_checks: list[tuple[Path, str, str, int, str]] = []
-    referenced: set[str] = set()
-    examples = 0
-    for shard, part in parts.items():
-        checked = _check_part(layout, info, shard, part, plan, report.problems.append, file_checks)
-        if checked is None:
-            continue
-        segment, ids = checked
-        referenced.add(segment)
-        report.parts_checked += 1
-        examples += len(ids)
-        note_example_ids(ids, part.name, first_seen, duplicates)
-    if duplicates:
-        report.problems.append(f"{len(duplicates)} example ids are committed twice: {_some(duplicates)}")
-    _note_unsealed(info, parts, report.notes.append)
+@dataclass
+class _Record:
+    """One committed part, checked against itself and the plan."""
 
-    # the expensive part: every recorded byte, read back and checksummed (or, structurally, every size)
-    check = _check_file if checksums else _check_size
+    shard: int
+    name: str
+    segment: str
+    ids: list[str]
+    n_tokens: int
+    files: dict[str, tuple[int, str]] | None  # None: unusable (malformed or absent), already reported
+
+
+def verify_store(store: str | os.PathLike | Root, workers: int = 8, checksums: bool = True) -> VerifyReport:
+    """Check a store; StoreError only when ``store`` is not one. ``checksums=False`` checks recorded files by
+    their listed size only and reads no segment bytes (what gc needs, see above)."""
+    root, info = open_store_root(store)
+    report = VerifyReport(root.url, shards_total=int(info["plan"]["n_shards"]))
+    problem, note = report.problems.append, report.notes.append
+    plan = _check_plan(root, info, problem)
+    top_folders, _ = root.list_dir("", hidden=True)
+    _, manifests = root.list_dir("manifests", hidden=True)
+    objects = segment_objects(root)
+    if root.keeps_empty_folders and "manifests" not in top_folders:
+        _, stats = root.list_dir("stats")
+        if objects or stats:
+            problem(f"manifests/ is missing while segments/ holds {len(objects)} segments and stats/ {len(stats)} "
+                    "files: the commit records are gone and readers see no examples; restore manifests/ from a copy "
+                    "of the store, or rerun the extract command to extract every shard again (gc deletes nothing "
+                    "until then)")
+    parts = {int(m.group(1)): name for name in sorted(manifests) if (m := PART_NAME.match(name))}
+
+    records, repairable, unsealed = [], [], []
+    for shard, name in parts.items():
+        data = root.get(f"manifests/{name}")
+        if data is None:
+            continue  # set aside by a repairing extract since we listed it
+        if DIGEST_KEY not in (_footer(data) or {DIGEST_KEY: b""}):
+            unsealed.append(name)
+        record, damaged = _check_part(root, info, shard, name, data, plan, objects, problem)
+        if damaged:
+            repairable.append(shard)
+        if record is not None:
+            records.append(record)
+    report.parts_checked = len(records)
+
+    first_seen: dict[str, str] = {}  # example id -> the part that holds it first
+    duplicates = [f"{eid} ({first_seen[eid]} and {r.name})" for r in records for eid in r.ids
+                  if first_seen.setdefault(eid, r.name) != r.name]
+    if duplicates:
+        problem(f"{len(duplicates)} example ids are committed twice: {_some(duplicates)}")
+
+    # the expensive part, on ``workers`` threads: every recorded byte read back and checksummed, the array shapes
+    jobs = [(r.segment, rel, size, crc) for r in records if r.files for rel, (size, crc) in r.files.items()
+            if objects[r.segment].get(rel, ObjectInfo(-1, 0)).size == size] if checksums else []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for problem, size in pool.map(lambda job: check(*job), file_checks):
-            report.files_checked += 1
+        for found, size in pool.map(lambda job: _check_file(root, *job), jobs):
             report.bytes_checked += size
-            if problem:
-                report.problems.append(problem)
+            if found:
+                problem(found)
+        if checksums:
+            for found in pool.map(lambda r: _shape_problems(root, info, r), [r for r in records if r.files]):
+                report.problems += found
+    report.files_checked = sum(len(r.files or {}) for r in records)
 
     n_shards, n_examples = int(info["plan"]["n_shards"]), int(info["plan"].get("n_examples", -1))
+    examples = sum(len(r.ids) for r in records)
     if set(parts) >= set(range(n_shards)):
         if examples != n_examples and report.parts_checked == len(parts):
-            report.problems.append(f"complete store holds {examples} examples, plan says {n_examples}")
+            problem(f"complete store holds {examples} examples, plan says {n_examples}")
     else:
-        report.notes.append(f"incomplete: {len(set(parts) & set(range(n_shards)))} of {n_shards} shards committed "
-                            "(not an error; rerun the extract command to finish)")
-    _leftovers(layout, referenced, report.notes.append)
-    _name_the_repair(layout, parts, report.notes.append)
-    return report
-
-
-def _check_manifests_folder(layout: StoreLayout, problem: Callable[[str], None]) -> None:
-    """manifests/ exists from the moment store.json does (extract creates it first). Without it, while attempts
-    exist, the commit records are gone: readers see an empty store and every segment looks like an orphan."""
-    if layout.manifests.is_dir():
-        return
-    stats = len(list(layout.stats.glob("shard-*.json"))) if layout.stats.is_dir() else 0
-    segments = len(segment_attempts(layout))
-    if segments or stats:
-        problem(f"manifests/ is missing while segments/ holds {segments} segments and stats/ {stats} files: the "
-                "commit records are gone and readers see no examples; restore manifests/ from a copy of the store, "
-                "or rerun the extract command to extract every shard again (gc deletes nothing until then)")
-
-
-def _name_the_repair(layout: StoreLayout, parts: dict[int, Path], note: Callable[[str], None]) -> None:
-    """The fix for commit records whose segment is missing or incomplete: extract sets them aside and redoes them."""
-    from .repair import part_damage
-
-    broken = [shard for shard, part in sorted(parts.items()) if part_damage(layout, shard, part) is not None]
-    if broken:
-        note(f"{len(broken)} committed shards ({_some([str(s) for s in broken])}) have a missing, incomplete or "
-             "damaged commit record or segment: rerun the extract command: it moves those records aside to "
-             "manifests/.probecache-broken-part-* and extracts the shards again")
-
-
-def _note_unsealed(info: dict, parts: dict[int, Path], note: Callable[[str], None]) -> None:
-    """Stores written before store.json's seal and the parts' digests are read, but with fewer checks: say so."""
+        note(f"incomplete: {len(set(parts) & set(range(n_shards)))} of {n_shards} shards committed "
+             "(not an error; rerun the extract command to finish)")
     if SEAL not in info:
         note("store.json carries no checksum (written before probecache sealed headers): readers cross-check its "
              "fields against the arrays, but a hand edit of other fields goes unnoticed")
-    unsealed = sorted(p.name for p in parts.values() if not _has_digest(p))
     if unsealed:
         note(f"{len(unsealed)} parts carry no content digest (written before digests existed): {_some(unsealed)}")
+    _leftovers(root, manifests, {r.segment for r in records}, note)
+    if repairable:
+        note(f"{len(repairable)} committed shards ({_some([str(s) for s in repairable])}) have a missing, incomplete "
+             "or damaged commit record or segment: rerun the extract command (with this --root): it moves those "
+             "records aside to manifests/.probecache-broken-part-* and extracts the shards again")
+    return report
 
 
-def _has_digest(part: Path) -> bool:
+def _footer(data: bytes) -> dict | None:
     try:
-        return has_digest(part)
+        return pq.read_schema(pa.BufferReader(data)).metadata or {}
     except Exception:  # an unreadable part is reported as a problem by _check_part
-        return True
+        return None
 
 
-def _check_part_names(layout: StoreLayout, parts: dict[int, Path], note: Callable[[str], None]) -> None:
-    """A `part-*.parquet` the writer would not have named (a stray copy) is ignored by readers: say so."""
-    if not layout.manifests.is_dir():
-        return
-    for p in sorted(layout.manifests.glob("part-*.parquet")):
-        if p not in parts.values():
-            note(f"manifests/{p.name}: not a part name the writer produces; readers ignore it")
-
-
-def _check_plan(layout: StoreLayout, info: dict, problem: Callable[[str], None]) -> dict[int, dict[str, int]] | None:
+def _check_plan(root: Root, info: dict, problem: Callable[[str], None]) -> dict[int, dict[str, int]] | None:
     """plan.parquet against store.json; returns shard -> {example id: n_tokens}, or None if unreadable."""
-    if not layout.plan.is_file():
+    data = root.get("plan.parquet")
+    if data is None:
         problem("plan.parquet is missing: parts cannot be checked against the plan")
         return None
     try:
-        table = pq.read_table(layout.plan)
+        table = pq.read_table(pa.BufferReader(data))
         digest = plan_digest(table)
         ids, shards, tokens = (table[c].to_pylist() for c in ("example_id", "shard_id", "n_tokens"))
     except Exception as e:  # pyarrow raises several types for a damaged or foreign file
@@ -182,17 +186,22 @@ def _check_plan(layout: StoreLayout, info: dict, problem: Callable[[str], None])
     return by_shard
 
 
-def _check_part(layout: StoreLayout, info: dict, shard: int, part: Path, plan: dict[int, dict[str, int]] | None,
-                problem: Callable[[str], None], file_checks: list) -> tuple[str, list[str]] | None:
-    """One commit record against itself, its segment's arrays and the plan; queues its file checks.
-
-    Returns (segment, example ids), or None when the part is too damaged to say which examples it holds.
-    """
-    where = f"manifests/{part.name}"
-    record = read_part_record(part, shard, plan, problem)
-    if record is None:
-        return None
-    table, stats, segment, ids, named_ok = record
+def _check_part(root: Root, info: dict, shard: int, name: str, data: bytes, plan: dict[int, dict[str, int]] | None,
+                objects: dict[str, dict[str, ObjectInfo]], problem: Callable[[str], None]
+                ) -> tuple[_Record | None, bool]:
+    """One commit record against itself, the plan and the listing of its segment: (the record, or None when the
+    part is too damaged to say which examples it holds; whether rerunning extract would set it aside)."""
+    where = f"manifests/{name}"
+    try:
+        table, stats = read_part(data, where)
+    except ManifestError as e:
+        problem(str(e))
+        return None, True
+    checked = _check_part_record(where, shard, table, stats, plan, problem)
+    if checked is None:
+        return None, False
+    segment, ids, named_ok = checked
+    record = _Record(shard, name, segment, ids, sum(table["n_tokens"].to_pylist()), None)
     if "label_name" in table.column_names:
         wrong = label_name_mismatch(info["dataset"]["label_names"], table["label"].to_pylist(),
                                     table["label_name"].to_pylist())
@@ -200,33 +209,43 @@ def _check_part(layout: StoreLayout, info: dict, shard: int, part: Path, plan: d
             problem(f"{where}: label {wrong[0]} is {wrong[1]!r} here, store.json's label_names say "
                     f"{info['dataset']['label_names']} (store.json edited?)")
     if not named_ok:
-        return segment, ids  # never touch a path built from a name we did not write
-    folder = layout.segments / segment
-    if not folder.is_dir():
+        return record, True  # never touch a path built from a name we did not write
+    if segment not in objects:  # a segment behind a link (local), or a listing that lagged: list it on its own
+        objects[segment] = root.list(f"segments/{segment}")
+    present = objects[segment]
+    damaged = record_damage(shard, stats, (lambda rel: present[rel].size if rel in present else None)
+                            if present else None) is not None
+    if not present:
         problem(f"{where}: its segment folder segments/{segment} is missing")
-        return segment, ids
+        return record, damaged
+    record.files = _recorded_files(stats, where, problem)
+    for rel, (size, _) in (record.files or {}).items():
+        label = f"segments/{segment}/{rel}"
+        if rel not in present:
+            problem(f"{label}: recorded file is missing")
+        elif present[rel].size != size:
+            problem(f"{label}: {present[rel].size} bytes, {size} recorded (truncated or rewritten)")
+    if record.files is not None:
+        # a file nobody recorded may be read as data (a stray chunk key) or hide a partial overwrite
+        for rel in sorted(set(present) - set(record.files)):
+            problem(f"segments/{segment}/{rel}: file is not in the commit record of {where}")
+    return record, damaged
+
+
+def _recorded_files(stats: dict, where: str, problem: Callable[[str], None]) -> dict[str, tuple[int, str]] | None:
     files = stats.get("files")
     if not isinstance(files, dict) or not files:
         problem(f"{where}: records no segment files (committed before checksums were recorded?)")
-    else:
-        _queue_files(layout, segment, files, where, problem, file_checks)
-    _check_shapes(folder, info, where, len(ids), sum(table["n_tokens"].to_pylist()), problem)
-    return segment, ids
-
-
-def read_part_record(part: Path, shard: int, plan: dict[int, dict[str, int]] | None,
-                     problem: Callable[[str], None]) -> tuple[pa.Table, dict, str, list[str], bool] | None:
-    """Read a commit record (a manifest part, local or mirrored) and check it against itself and the plan, no
-    segment bytes: (table, commit stats, segment, example ids, whether the segment name is one of ours and may
-    become a path), or None when the part is unreadable or too damaged to say. Shared with remote_verify.py."""
-    where = f"manifests/{part.name}"
-    try:
-        table, stats = read_part(part, where)
-    except ManifestError as e:
-        problem(str(e))
         return None
-    checked = _check_part_record(where, shard, table, stats, plan, problem)
-    return None if checked is None else (table, stats, *checked)
+    out = {}
+    for rel, entry in files.items():
+        try:
+            if not isinstance(entry, list) or len(entry) != 2:
+                raise ValueError
+            out[clean_key(rel)] = (int(entry[0]), str(entry[1]))
+        except (StoreError, TypeError, ValueError):
+            problem(f"{where}: malformed file record {rel!r}: {entry!r}")
+    return out
 
 
 def _check_part_record(where: str, shard: int, table, stats: dict, plan: dict[int, dict[str, int]] | None,
@@ -299,129 +318,87 @@ def _check_against_plan(where: str, shard: int, got: dict[str, int], plan: dict[
             problem(f"{where}: {len(items)} {what}: {_some(items)}")
 
 
-def _queue_files(layout: StoreLayout, segment: str, files: dict, where: str, problem: Callable[[str], None],
-                 file_checks: list) -> None:
-    root = layout.segments / segment
-    recorded = set()
-    for rel, entry in files.items():
-        parts = PurePosixPath(rel).parts
-        if PurePosixPath(rel).is_absolute() or ".." in parts or not isinstance(entry, list) or len(entry) != 2:
-            problem(f"{where}: malformed file record {rel!r}: {entry!r}")
-            continue
-        recorded.add(rel)
-        file_checks.append((root, rel, f"segments/{segment}/{rel}", int(entry[0]), str(entry[1])))
-    # a file nobody recorded may be read as data (a stray chunk key) or hide a partial overwrite
-    for directory, _, names in os.walk(root):
-        for name in names:
-            rel = (Path(directory) / name).relative_to(root).as_posix()
-            if rel not in recorded:
-                problem(f"segments/{segment}/{rel}: file is not in the commit record of {where}")
-
-
-def _check_size(root: Path, rel: str, label: str, size: int, crc: str) -> tuple[str | None, int]:
-    """(problem or None, 0): the structural check of one recorded file (present, recorded size; no bytes read)."""
-    try:
-        actual_size = (root / rel).stat().st_size
-    except (FileNotFoundError, NotADirectoryError):
+def _check_file(root: Root, segment: str, rel: str, size: int, crc: str) -> tuple[str | None, int]:
+    """(problem or None, bytes read) for one recorded file whose listed size matched its record."""
+    label = f"segments/{segment}/{rel}"
+    found = root.checksum(f"segments/{segment}/{rel}")
+    if found is None:
         return f"{label}: recorded file is missing", 0
-    if actual_size != size:
-        return f"{label}: {actual_size} bytes, {size} recorded (truncated or rewritten)", 0
-    return None, 0
-
-
-def _check_file(root: Path, rel: str, label: str, size: int, crc: str) -> tuple[str | None, int]:
-    """(problem or None, bytes read) for one recorded file."""
-    path = root / rel
-    try:
-        actual_size = path.stat().st_size
-    except FileNotFoundError:
-        return f"{label}: recorded file is missing", 0
-    if actual_size != size:
-        return f"{label}: {actual_size} bytes, {size} recorded (truncated or rewritten)", 0
-    actual = file_crc32c(path)
-    if actual != crc:
-        return f"{label}: crc32c {actual}, {crc} recorded (corrupted)", size
+    if found[0] != size:
+        return f"{label}: {found[0]} bytes, {size} recorded (truncated or rewritten)", 0
+    if found[1] != crc:
+        return f"{label}: crc32c {found[1]}, {crc} recorded (corrupted)", size
     return None, size
 
 
-def _check_shapes(folder, info: dict, where: str, n: int, total: int, problem: Callable[[str], None]) -> None:
-    """The arrays' metadata against the rows: hidden (L+1, T, d), mean/last (N, L+1, d), logits (N, V).
-    ``folder`` is a segment folder or a zarr store over one (the remote verify passes a FetchingStore)."""
-    import zarr  # only verify needs it; status and gc stay light
-
+def _shape_problems(root: Root, info: dict, record: _Record) -> list[str]:
+    """The arrays' zarr metadata against the rows: hidden (L+1, T, d), mean/last (N, L+1, d), logits (N, V)."""
+    where, n = f"manifests/{record.name}", len(record.ids)
     layers, d = info["model"]["n_layers"], info["model"]["hidden_size"]
     expected = {
-        "hidden": (layers, max(total, 1), d),  # the writer never creates a zero-length array
+        "hidden": (layers, max(record.n_tokens, 1), d),  # the writer never creates a zero-length array
         "mean": (n, layers, d),
         "last": (n, layers, d),
     }
     if info.get("capture", {}).get("logits"):
         expected["logits"] = (n, info["model"].get("vocab_size"))
     if info.get("capture", {}).get("token_ids"):
-        expected["token_ids"] = (max(total, 1),)  # aligned with hidden's token axis
-    try:
-        group = zarr.open_group(str(folder) if isinstance(folder, Path) else folder, mode="r")
-        for name, shape in expected.items():
-            if name not in group:
-                problem(f"{where}: segment has no {name!r} array")
-                continue
-            actual = tuple(group[name].shape)
-            if actual != shape:
-                problem(f"{where}: {name} has shape {actual}, rows and store.json imply {shape}")
-    except Exception as e:  # zarr raises many types for damaged metadata; the checksums say which file
-        problem(f"{where}: segment arrays cannot be opened ({type(e).__name__}: {e})")
+        expected["token_ids"] = (max(record.n_tokens, 1),)  # aligned with hidden's token axis
+    found = []
+    for name, shape in expected.items():
+        if f"{name}/zarr.json" not in (record.files or {}):
+            found.append(f"{where}: segment has no {name!r} array")
+            continue
+        try:
+            meta = json.loads(root.get(f"segments/{record.segment}/{name}/zarr.json") or b"null")
+            actual = tuple(meta["shape"])
+        except Exception as e:  # damaged metadata: the checksums say which file
+            found.append(f"{where}: segment array {name} cannot be opened ({type(e).__name__}: {e})")
+            continue
+        if actual != shape:
+            found.append(f"{where}: {name} has shape {actual}, rows and store.json imply {shape}")
+    return found
 
 
-def _leftovers(layout: StoreLayout, referenced: set[str], note: Callable[[str], None]) -> None:
+def _leftovers(root: Root, manifests: dict[str, ObjectInfo], referenced: set[str],
+               note: Callable[[str], None]) -> None:
     """Expected debris of the commit protocol: reported so `gc` can be run, never an error."""
-    from .commit import TEMP_NAME
-    from .lease import LEASES
-    from .repair import BROKEN_NAME
-    from .status import deleting_target, segment_links
-
-    leases = layout.path / LEASES
-    temps = sorted(p.name for folder in (layout.path, layout.manifests, leases) if folder.is_dir()
-                   for p in folder.iterdir() if TEMP_NAME.fullmatch(p.name))
+    _, top = root.list_dir("", hidden=True)
+    _, leases = root.list_dir(LEASES, hidden=True)
+    temps = sorted(n for files in (top, manifests, leases) for n in files if TEMP_NAME.fullmatch(n))
     if temps:
         note(f"{len(temps)} temp files of interrupted writes ({_some(temps)}); `probecache store gc` removes them")
-    orphans = sorted(set(segment_attempts(layout)) - referenced)
+    orphans = sorted(set(segment_attempts(root)) - referenced)
     if orphans:
         note(f"{len(orphans)} orphan segments no part references ({_some(orphans)}); readers never see them, "
-             "`probecache store gc` removes old ones that no running attempt holds")
-    deleting = sorted(p.name for p in layout.segments.iterdir() if deleting_target(p.name)) \
-        if layout.segments.is_dir() else []
+             "`probecache store gc` removes old ones that no running attempt or upload holds")
+    folders, _ = root.list_dir("segments", hidden=True)
+    deleting = sorted(n for n in folders if deleting_target(n))
     if deleting:
         note(f"{len(deleting)} segments half-deleted by an interrupted gc ({_some(deleting)}); gc finishes them")
-    links = segment_links(layout)
+    links = root.links("segments")
     if links:
         note(f"segments/ holds symbolic links ({_some(links)}): readers follow a link a part references, gc never "
              "follows or removes one")
-    broken = sorted(p.name for p in layout.manifests.iterdir() if BROKEN_NAME.fullmatch(p.name)) \
-        if layout.manifests.is_dir() else []
+    broken = sorted(n for n in manifests if BROKEN_NAME.fullmatch(n))
     if broken:
         note(f"{len(broken)} commit records were set aside by extract because their segment was missing or "
              f"incomplete ({_some(broken)}); their shards were extracted again; readers ignore them and "
              "`probecache store gc` removes them once old")
-    held = sorted(p.name.removesuffix(".json") for p in leases.glob("shard-*.json")) if leases.is_dir() else []
+    held = sorted(n.removesuffix(".json") for n in leases if n.startswith("shard-") and n.endswith(".json"))
     if held:
         note(f"{len(held)} segment leases ({_some(held)}): attempts running now, or killed ones whose lease gc "
              "removes once stale")
-    if layout.manifests.is_dir():
-        foreign = sorted(p.name for p in layout.manifests.iterdir()
-                         if not p.name.startswith(".") and not (p.name.startswith("part-") and p.suffix == ".parquet"))
-        if foreign:
-            note(f"manifests/ holds files that are not parts (ignored by readers): {_some(foreign)}")
+    strays = sorted(n for n in manifests if n.startswith("part-") and n.endswith(".parquet") and not PART_NAME.match(n))
+    for name in strays:
+        note(f"manifests/{name}: not a part name the writer produces; readers ignore it")
+    foreign = sorted(n for n in manifests if not n.startswith(".") and not (n.startswith("part-") and
+                                                                           n.endswith(".parquet")))
+    if foreign:
+        note(f"manifests/ holds files that are not parts (ignored by readers): {_some(foreign)}")
 
 
 def _some(items: list[str]) -> str:
     shown = ", ".join(items[:_SHOW])
     return shown + (f", ... (+{len(items) - _SHOW})" if len(items) > _SHOW else "")
 
-
-def note_example_ids(ids, part_name: str, first_seen: dict[str, str], duplicates: list[str]) -> None:
-    """Record which manifest part first committed each example id; an id seen again is a duplicate commit."""
-    for eid in ids:
-        if eid in first_seen:
-            duplicates.append(f"{eid} ({first_seen[eid]} and {part_name})")
-        else:
-            first_seen[eid] = part_name

@@ -16,13 +16,15 @@ import torch
 from probecache.extract.config import ExtractConfig
 from probecache.extract.launchers import LaunchConfig
 from probecache.extract.run import extract
+from probecache.store.gc import gc_store
 from probecache.store.reader import open_store
 from probecache.store.remote import open_root
-from probecache.store.remote_verify import gc_remote, verify_remote
 from probecache.store.transfer import committed_parts
+from probecache.store.verify import verify_store
 
-from .conftest import REGION
 from .test_transfer import assert_same_data
+
+REGION = "us-east-1"  # the S3 test server's region (tests/conftest.py)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N_SHARDS = 8  # 60 examples in shards of 8
@@ -43,7 +45,7 @@ def cli_args(model: Path, data: Path, root: str) -> list[str]:
 def check_complete(url: str, reference) -> None:
     """Every shard committed exactly once, verify clean, values identical to a local extraction."""
     assert sorted(committed_parts(open_root(url))) == list(range(N_SHARDS))
-    report = verify_remote(url)
+    report = verify_store(url)
     assert report.ok, report.problems
     store = open_store(url)
     ids = store.manifest(columns=["example_id"])["example_id"].to_pylist()
@@ -107,8 +109,8 @@ def test_two_concurrent_extractors(tiny_model, sentiment_csv, tiny_remote_source
         lost += sum(int(m) for m in re.findall(r"(\d+) committed by another extractor first", err))
     assert won == N_SHARDS and lost >= 1  # each shard committed once; the races really happened
     check_complete(url, tiny_remote_source)
-    assert any("orphan segments" in n for n in verify_remote(url).notes)  # the losers' uploads
-    assert len(gc_remote(url, 0).removed) == lost
+    assert any("orphan segments" in n for n in verify_store(url).notes)  # the losers' uploads
+    assert sum(r.kind == "segment" for r in gc_store(url, 0).removed) == lost  # (and their stats)
     check_complete(url, tiny_remote_source)
 
 

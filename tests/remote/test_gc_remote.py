@@ -11,11 +11,12 @@ import pytest
 import torch
 from probecache.manifests.schema import part_stats
 from probecache.store.errors import StoreError
+from probecache.store.gc import gc_store
 from probecache.store.lease import LEASE_TTL_SECONDS, LeaseKeeper, lease_key
 from probecache.store.reader import open_store
 from probecache.store.remote import LocalRoot, ObjectRoot, open_root, parse_url
-from probecache.store.remote_verify import gc_remote, verify_remote
 from probecache.store.transfer import TransferReport, copy_header, copy_shard, push
+from probecache.store.verify import verify_store
 
 ORPHAN = "shard-00001-20200101T000000-0badf00d"
 
@@ -45,15 +46,15 @@ def test_remote_gc_never_deletes_a_leased_upload(pushed, tiny_remote_source):
     keeper.hold(ORPHAN)  # this process is uploading it: alive, whatever the clock and --older-than say
     try:
         for now in (None, time.time() + 30 * 86400):
-            report = gc_remote(pushed, 0, now=now)
+            report = gc_store(pushed, 0, now=now)
             assert report.removed == [] and [k.reason.split(":")[0] for k in report.kept] == ["lease"]
         assert root.list(f"segments/{ORPHAN}")
     finally:
         keeper.close()  # the upload is over (the lease object is deleted)
     assert root.get(lease_key(ORPHAN)) is None
-    report = gc_remote(pushed, 0)
+    report = gc_store(pushed, 0)
     assert [r.path for r in report.removed] == [f"segments/{ORPHAN}"] and not root.list(f"segments/{ORPHAN}")
-    assert verify_remote(pushed).ok
+    assert verify_store(pushed).ok
 
 
 def test_a_remote_lease_from_another_machine_expires_after_its_ttl(pushed, tiny_remote_source):
@@ -61,8 +62,8 @@ def test_a_remote_lease_from_another_machine_expires_after_its_ttl(pushed, tiny_
     _upload_orphan(root, tiny_remote_source)
     root.put(lease_key(ORPHAN), json.dumps({"segment": ORPHAN, "heartbeat": time.time(), "holder": {
         "host": "elsewhere", "pid": 1, "boot_id": "another-machine", "pid_ns": "pid:[1]", "start": "1"}}).encode())
-    assert gc_remote(pushed, 0).removed == []
-    report = gc_remote(pushed, 0, now=time.time() + LEASE_TTL_SECONDS + 60)
+    assert gc_store(pushed, 0).removed == []
+    report = gc_store(pushed, 0, now=time.time() + LEASE_TTL_SECONDS + 60)
     assert [r.path for r in report.removed] == [f"segments/{ORPHAN}"]
     assert not root.list(f"segments/{ORPHAN}") and root.get(lease_key(ORPHAN)) is None
 
@@ -74,9 +75,9 @@ def test_remote_gc_refuses_a_store_that_does_not_verify(pushed, tiny_remote_sour
     for rel in root.list(f"segments/{gone}"):
         root.delete(f"segments/{gone}/{rel}")
     with pytest.raises(StoreError, match="does not verify, so gc deletes nothing"):
-        gc_remote(pushed, 0)
+        gc_store(pushed, 0)
     assert root.list(f"segments/{ORPHAN}")
-    report = verify_remote(pushed)
+    report = verify_store(pushed)
     assert any("rerun the extract command" in n and "(2)" in n for n in report.notes), report.notes
     # a store folder under another name than its store id is not gc's to clean
     renamed = f"{s3_env.root}/renamed"
@@ -86,7 +87,7 @@ def test_remote_gc_refuses_a_store_that_does_not_verify(pushed, tiny_remote_sour
     for name in ("store.json", "plan.parquet"):
         copy_root.put(name, root.get(name))
     with pytest.raises(StoreError, match="but the folder is 'renamed'"):
-        gc_remote(renamed, 0)
+        gc_store(renamed, 0)
 
 
 class _VanishingOnce:
@@ -121,7 +122,7 @@ def test_an_upload_sends_again_what_vanished_before_its_commit(tiny_remote_sourc
     assert dst.deleted and real.get(dst.deleted[0]) is not None  # it was sent again, then committed
     files = part_stats(tiny_remote_source.path / "manifests" / "part-00000.parquet")["files"]
     assert report.files_copied == len(files) + 1 and real.get(lease_key(_segment(tiny_remote_source, 0))) is None
-    verified = verify_remote(url)
+    verified = verify_store(url)
     assert verified.ok and verified.parts_checked == 1, verified.problems
 
 
@@ -134,7 +135,7 @@ def test_rerunning_extract_repairs_a_remote_part_whose_segment_is_gone(pushed, t
     gone = _segment(tiny_remote_source, 3)
     for rel in root.list(f"segments/{gone}"):
         root.delete(f"segments/{gone}/{rel}")
-    assert not verify_remote(pushed).ok
+    assert not verify_store(pushed).ok
     # the same extraction as the pushed store (tests/conftest.py extract_tiny_store), into the bucket
     config = ExtractConfig(dataset=f"csv:{sentiment_csv}", model=str(tiny_model), root=s3_env.root, dtype="bf16",
                            device="cpu", shard_size=8, batch_tokens=256, progress=False)
@@ -144,7 +145,7 @@ def test_rerunning_extract_repairs_a_remote_part_whose_segment_is_gone(pushed, t
     _, listed = root.list_dir("manifests")
     assert [n[:len(".probecache-broken-part-00003-")] for n in listed if n.startswith(".")] == [
         ".probecache-broken-part-00003-"]
-    report = verify_remote(pushed)
+    report = verify_store(pushed)
     assert report.ok and any("set aside" in n for n in report.notes), (report.problems, report.notes)
     got, want = open_store(pushed), tiny_remote_source
     ids = want.manifest(columns=["example_id"])["example_id"].to_pylist()

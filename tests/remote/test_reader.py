@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from probecache.store.errors import StoreError
+from probecache.store.mirror import parse_size
 from probecache.store.reader import list_stores, open_store
 from probecache.store.remote import REQUESTS, open_root
-from probecache.store.remote_reader import RemoteStore, parse_size
 from probecache.store.transfer import push
 from probecache.train.loaders import TokenStream, load_pooled
 from typer.testing import CliRunner
@@ -38,7 +38,7 @@ def _segment_bytes(cache: Path) -> int:
 
 def test_reader_api_on_a_remote_store(tiny_remote_source, remote_url, s3_env):
     store = open_store(remote_url)
-    assert isinstance(store, RemoteStore) and store.summary()["path"] == remote_url
+    assert store.mirror is not None and store.url == store.summary()["path"] == remote_url
     assert store.summary()["complete"] and store.summary()["n_examples"] == 60
     assert_same_data(tiny_remote_source, store)
     eid = store.manifest(split="test", columns=["example_id"])["example_id"][0].as_py()

@@ -1,4 +1,4 @@
-"""Reading a store on object storage: a normal ``Store`` over a local mirror that fills itself on demand.
+"""Reading a store on object storage: the reader's ``Store`` over a local mirror that fills itself on demand.
 
     open_store("s3://bucket/prefix/<store_id>")
       at open      store.json, plan.parquet and manifests/ are synced into the mirror (one LIST of the store,
@@ -14,9 +14,10 @@ remote store with one range request for the shard index plus one per inner chunk
 ~L+2 requests for one example's tokens on one zarr shard, each with the store's latency; a whole-file GET is
 one request and can be verified against the commit record (a range cannot). bench/remote.py measures both.
 
-Only GET and LIST are used: read-only credentials suffice. Training and the reader API run unchanged, since
-they reach arrays through ``Store._group`` and the manifest through ``store.layout``. The mirror lives in
-$PROBECACHE_CACHE/remote/<hash of the root URL>/<store_id>/.
+Only GET and LIST are used: read-only credentials suffice. ``open_store(URL)`` (reader.py) builds a ``Mirror``
+and hands it to a plain ``Store``: training and the reader API run unchanged, since they reach arrays through
+``Store._segment_store`` (a ``FetchingStore`` here) and the manifest through ``store.layout`` (the mirror). This
+module knows nothing of the reader. The mirror lives in $PROBECACHE_CACHE/remote/<hash of the root URL>/<store_id>/.
 """
 
 from __future__ import annotations
@@ -32,12 +33,10 @@ from pathlib import Path
 from probecache.manifests.schema import PART_NAME, committed_part_files
 
 from .errors import StoreError
-from .gc import tree_bytes
 from .header import parse_header
 from .integrity import crc32c_hex
-from .reader import Store
-from .remote import ObjectRoot, Root, cache_dir, check_store_name, location_digest, parse_url
-from .transfer import check_fetched, shard_record
+from .remote import LocalRoot, ObjectRoot, Root, cache_dir, check_store_name, location_digest, parse_url
+from .transfer import check_fetched
 from .verified import CheckedFiles, FileRecord, VerifiedSegmentStore
 
 DEFAULT_CACHE_SIZE = "20G"
@@ -80,7 +79,7 @@ class SegmentCache:
 
     @staticmethod
     def _bytes(folder: Path) -> int:
-        return tree_bytes(folder)
+        return LocalRoot(folder).tree("")[0]
 
     def touch(self, segment_dir: Path) -> None:
         try:
@@ -174,58 +173,31 @@ class FetchingStore(VerifiedSegmentStore):
         return data
 
 
-# ---- the store ---------------------------------------------------------------------------------------------
+# ---- the mirror of one store ---------------------------------------------------------------------------------
 
 
-class RemoteStore(Store):
-    """A store on object storage, read through its local mirror (see the module docstring)."""
+class Mirror:
+    """The store at ``url`` mirrored locally: its header and manifests synced at open, segment files fetched on
+    first read (through ``segment_store``), all under ``path``."""
 
-    def __init__(self, mirror: Path, url: str, root: ObjectRoot, cache: SegmentCache):
-        super().__init__(mirror)
-        self.url = url
-        self.root = root
-        self.cache = cache
-        self._records: dict[str, dict[str, tuple[int, str]]] | None = None
+    def __init__(self, url: str, cache_size: str | int | None = None):
+        location = parse_url(url)
+        if not location.prefix:
+            raise StoreError(f"{location.url}: pass <root>/<store_id>, not a bucket")
+        self.url = location.url
+        self.root = ObjectRoot(location)
+        self.path = mirror_dir(self.url)
+        sync_metadata(self.root, self.path)
+        self.cache = segment_cache(cache_limit(cache_size))
 
-    def __repr__(self) -> str:
-        return f"RemoteStore({self.url!r})"
-
-    def segment_files(self, segment: str) -> FileRecord:
-        """{file: (size, crc32c)} of a committed segment, from its part's commit record, with every name checked
-        to be a safe relative path (the mirror writes files under these names)."""
-        if self._records is None:
-            records = {}
-            for part in committed_part_files(self.layout.manifests):
-                shard = int(PART_NAME.match(part.name).group(1))
-                record = shard_record(shard, part.read_bytes(), f"{self.url}/manifests/{part.name}")
-                records[record.segment] = record.files
-            self._records = records
-        try:
-            return self._records[segment]
-        except KeyError:
-            raise StoreError(f"segment {segment!r} is not committed in {self.url}") from None
-
-    def _segment_store(self, segment: str, files: FileRecord) -> FetchingStore:
-        return FetchingStore(self.layout.segment(segment), files, self.root.child(f"segments/{segment}"), self.cache,
-                             self._checked, f"{self.url}/segments/{segment}")
-
-    def summary(self) -> dict:
-        return {**super().summary(), "path": self.url}
+    def segment_store(self, segment: str, files: FileRecord, checked: CheckedFiles) -> FetchingStore:
+        return FetchingStore(self.path / "segments" / segment, files, self.root.child(f"segments/{segment}"),
+                             self.cache, checked, f"{self.url}/segments/{segment}")
 
 
 def mirror_dir(location_url: str) -> Path:
     parent, _, name = location_url.rpartition("/")
     return cache_dir() / "remote" / location_digest(parent) / check_store_name(name)
-
-
-def open_remote_store(url: str, cache_size: str | int | None = None) -> RemoteStore:
-    """Sync the header and manifests of the store at ``url`` into its mirror and open it."""
-    location = parse_url(url)
-    if not location.prefix:
-        raise StoreError(f"{location.url}: pass <root>/<store_id>, not a bucket")
-    root = ObjectRoot(location)
-    sync_metadata(root, mirror := mirror_dir(location.url))
-    return RemoteStore(mirror, location.url, root, segment_cache(cache_limit(cache_size)))
 
 
 def sync_metadata(root: Root, mirror: Path) -> None:
@@ -271,25 +243,3 @@ def _write(path: Path, data: bytes) -> None:
     tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-def list_remote_stores(url: str) -> list[dict]:
-    """Summaries of every store directly under a root URL, newest first (folders without store.json skipped)."""
-    root = ObjectRoot(parse_url(url))
-    folders, _ = root.list_dir("")
-
-    def summary(name: str) -> dict | None:
-        try:
-            check_store_name(name)
-        except StoreError:
-            return None  # not a name the extractor writes
-        try:
-            return open_remote_store(root.child(name).url).summary()
-        except StoreError as e:
-            if "no store.json" in str(e):
-                return None
-            raise
-
-    with ThreadPoolExecutor(8) as pool:
-        found = [s for s in pool.map(summary, folders) if s is not None]
-    return sorted(found, key=lambda s: s["created"], reverse=True)
