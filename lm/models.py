@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from . import DEFAULT_MODEL  # a plain constant of the package, which the CLI imports without torch
+from .devices import resolve_device  # noqa: F401 - re-exported: `--device` is checked in one place
 from .errors import ModelError
 
 EMBEDDED_MODELS = {
@@ -169,16 +170,6 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError("--device cuda but no CUDA device is visible: use --device cpu (or auto)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ModelError(f"--device {device!r} is not one of auto, cpu, cuda")
-    return device
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: str):

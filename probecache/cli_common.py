@@ -5,8 +5,16 @@ from __future__ import annotations
 import typer
 
 
+class CliError(Exception):
+    """An option or combination of options the command line itself refuses (`--seeds 0`, `--text` with `--file`):
+    one `error:` line, exit code 2, like the stages' user errors."""
+
+
 def user_errors() -> tuple[type[Exception], ...]:
-    """Each stage's user errors: printed as one line on stderr, exit code 2, never a traceback.
+    """Each stage's user errors (and the CLI's own): one line on stderr, exit code 2, no traceback.
+
+    Only these: any other exception (a ValueError from numpy, torch or our own code included) is a bug and keeps
+    its traceback (exit code 1).
 
     A function, imported when an exception is being matched (`except user_errors() as e`), so that `--help`
     and `--version` import no stage (ManifestError lives beside pyarrow).
@@ -17,8 +25,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     from probecache.manifests.schema import ManifestError
     from probecache.serve.errors import ServeError
     from probecache.store.errors import StoreError
+    from probecache.train.errors import TrainError
 
-    return (DatasetError, ExtractError, ModelError, ManifestError, StoreError, ServeError)
+    return (CliError, DatasetError, ExtractError, ModelError, ManifestError, StoreError, ServeError, TrainError)
 
 
 def __getattr__(name: str):

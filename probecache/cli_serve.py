@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from probecache.cli_common import fail, print_table, user_errors
+from probecache.cli_common import CliError, fail, print_table, user_errors
 
 _RUNS = "Runs and model"
 _INPUT = "Input"
@@ -22,7 +22,7 @@ _LOAD = "Limits"
 RunOpt = Annotated[list[str], typer.Option(
     "--run", help="A run folder (printed as `run: ...` by train), or NAME=RUN to name it; repeat to score several "
                   "probes in one pass (they must come from the same model).", rich_help_panel=_RUNS)]
-DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda[:N].", rich_help_panel=_RUNS)]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda[:N] | mps.", rich_help_panel=_RUNS)]
 DtypeOpt = Annotated[str | None, typer.Option(help="bf16 | fp16 | fp32 | auto \\[default: the store's dtype, "
                                                    "which reproduces the training states].", rich_help_panel=_RUNS,
                                               show_default=False)]
@@ -50,7 +50,7 @@ def parse_refuse_on(specs: list[str]) -> dict | None:
     for spec in specs:
         name, sep, value = spec.partition("=")
         if not name or (sep and not value):
-            raise ValueError(f"--refuse-on {spec!r}: use NAME, NAME=THRESHOLD or NAME=LABEL[,LABEL]")
+            raise CliError(f"--refuse-on {spec!r}: use NAME, NAME=THRESHOLD or NAME=LABEL[,LABEL]")
         if not sep:
             rules[name] = None
             continue
@@ -61,40 +61,50 @@ def parse_refuse_on(specs: list[str]) -> dict | None:
     return rules
 
 
-def read_texts(file: str, text_col: str) -> list[str]:
-    """Texts of a .jsonl (one object per line) or .csv file, from column ``text_col``."""
+def _read_rows(path: Path, file: str) -> list:
+    """The records of a .jsonl or .csv file (UnicodeDecodeError for a file that is not UTF-8)."""
     from probecache.serve.limits import too_deep
 
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            try:
+                return list(csv.DictReader(f))
+            except csv.Error as e:  # a NUL byte, a field over csv's size limit
+                raise CliError(f"--file {file}: not a CSV file csv can read ({e})") from None
+    if path.suffix != ".jsonl":
+        raise CliError(f"--file {file}: use a .jsonl or .csv file")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            reason = too_deep(line)  # before json.loads, whose parser recurses
+            if reason:
+                raise CliError(f"--file {file}: line {n}: {reason} (a .jsonl file holds one flat object per line)")
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise CliError(f"--file {file}: line {n} is not JSON (a .jsonl file holds one object per "
+                               f"line)") from None
+    return rows
+
+
+def read_texts(file: str, text_col: str) -> list[str]:
+    """Texts of a .jsonl (one object per line) or .csv file, from column ``text_col``."""
     path = Path(file).expanduser()
     if not path.is_file():
-        raise ValueError(f"--file {file}: no such file")
-    if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                reason = too_deep(line)  # before json.loads, whose parser recurses
-                if reason:
-                    raise ValueError(f"--file {file}: line {n}: {reason} (a .jsonl file holds one flat object per "
-                                     f"line)")
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise ValueError(f"--file {file}: line {n} is not JSON (a .jsonl file holds one object per "
-                                     f"line)") from None
-    elif path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise ValueError(f"--file {file}: use a .jsonl or .csv file")
+        raise CliError(f"--file {file}: no such file")
+    try:
+        rows = _read_rows(path, file)
+    except UnicodeDecodeError as e:
+        raise CliError(f"--file {file} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     texts = []
     for n, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or not isinstance(row.get(text_col), str):
             columns = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-            raise ValueError(f"--file {file}: record {n} has no text column {text_col!r} (it has: {columns}); pass "
-                             f"--text-col")
+            raise CliError(f"--file {file}: record {n} has no text column {text_col!r} (it has: {columns}); pass "
+                           f"--text-col")
         texts.append(row[text_col])
     if not texts:
-        raise ValueError(f"--file {file} holds no records")
+        raise CliError(f"--file {file} holds no records")
     return texts
 
 
@@ -105,7 +115,7 @@ def _load(run: list[str], device: str, dtype: str | None, model: str | None):
 
     hf_logging.disable_progress_bar()
     if not run:
-        raise ValueError("pass --run RUN (a run folder printed by probecache train)")
+        raise CliError("pass --run RUN (a run folder printed by probecache train)")
     return ProbedModel.from_runs(run_names(run), device=device, dtype=dtype, model=model)
 
 
@@ -145,11 +155,11 @@ def register(app: typer.Typer) -> None:
         """
         try:
             if bool(text) == bool(file):
-                raise ValueError("pass --text (repeatable) or --file, not both and not neither")
+                raise CliError("pass --text (repeatable) or --file, not both and not neither")
             texts = list(text) if text else read_texts(file, text_col)
             probed = _load(run, device, dtype, model)
             results = probed.classify(texts, batch_size=batch_size, truncate=truncate)
-        except (*user_errors(), ValueError) as e:
+        except user_errors() as e:
             fail(e)
         if as_json:
             for i, (t, r) in enumerate(zip(texts, results, strict=True)):
@@ -184,12 +194,12 @@ def register(app: typer.Typer) -> None:
 
         try:
             if not text:
-                raise ValueError("pass --text PROMPT (repeatable)")
+                raise CliError("pass --text PROMPT (repeatable)")
             rules = parse_refuse_on(refuse_on)
             probed = _load(run, device, dtype, model)
             results = probed.generate(text, max_new_tokens=max_new_tokens, refuse_on=rules, truncate=truncate,
                                       refusal=refusal if refusal is not None else DEFAULT_REFUSAL)
-        except (*user_errors(), ValueError) as e:
+        except user_errors() as e:
             fail(e)
         for i, (prompt, r) in enumerate(zip(text, results, strict=True)):
             if as_json:
@@ -240,12 +250,17 @@ def register(app: typer.Typer) -> None:
             rules = parse_refuse_on(refuse_on)
             probed = _load(run, device, dtype, model)
             parse_rules(rules, probed.runs)  # a bad --refuse-on fails now, not at the first request
+        except user_errors() as e:
+            fail(e)
+        try:
             server = make_server(probed, host, port, refuse_on=rules, max_new_tokens=max_new_tokens,
                                  refusal=refusal if refusal is not None else DEFAULT_REFUSAL, truncate=truncate,
                                  concurrency=concurrency, queue=max_queue, queue_timeout=queue_timeout,
                                  max_chars=max_chars)
-        except (*user_errors(), ValueError, OSError) as e:
+        except user_errors() as e:
             fail(e)
+        except OSError as e:  # binding the socket: the address is taken, or not this machine's
+            fail(CliError(f"cannot listen on {host}:{port} ({e.strerror or e}): pass another --port or --host"))
         typer.echo(f"serving {', '.join(probed.names)} on {server.url} (POST /classify, /generate; GET /health, "
                    "/openapi.json); Ctrl-C stops", err=True)
         try:

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .errors import ServeError
+
 StateCallback = Callable[[int, torch.Tensor], None]  # (hidden_states index, hidden (B, T, d))
 
 
@@ -35,7 +37,7 @@ def decoder_parts(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
     base = getattr(model, "base_model", model)
     layers, norm = getattr(base, "layers", None), getattr(base, "norm", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or not isinstance(norm, nn.Module):
-        raise ValueError(f"{type(model).__name__} is not a Llama-family decoder (its base model has no `.layers` "
+        raise ServeError(f"{type(model).__name__} is not a Llama-family decoder (its base model has no `.layers` "
                          f"and `.norm`): serving hooks support LlamaForCausalLM-like models")
     return layers, norm
 

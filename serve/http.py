@@ -11,10 +11,11 @@
 Decisions:
 
 - Binds to 127.0.0.1 by default: there is no authentication; put a real gateway in front before exposing it.
-- Every answer is JSON, errors included (``{"error": "..."}``): 400 bad request, 404 unknown path, 411 no
-  Content-Length, 413 too large (body, text, or prompt longer than a probe reads), 500 a bug, 405 a known path
-  with another method (with ``Allow``), 503 overloaded (with ``Retry-After``). The stdlib's own error pages are
-  replaced by the same JSON. Routing looks at the path only: a query string or a trailing slash is ignored.
+- Every answer is JSON, errors included (``{"error": "..."}``): 400 bad request (a ``ServeError``), 404 unknown
+  path, 411 no Content-Length, 413 too large (body, text, or prompt longer than a probe reads), 500 a bug (any
+  other exception: its traceback goes to the server's stderr, not to the client), 405 a known path with another
+  method (with ``Allow``), 503 overloaded (with ``Retry-After``). The stdlib's own error pages are replaced by the
+  same JSON. Routing looks at the path only: a query string or a trailing slash is ignored.
 - A prompt longer than a served probe reads (its store's ``max_tokens``) is refused with 413 unless truncation was
   asked for: a guardrail that reads only a prefix is bypassed by padding the prompt. ``"truncate": true`` opts in
   on /classify; on /generate only when the server has no ``--refuse-on`` rules of its own (or was started with
@@ -44,6 +45,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
@@ -52,7 +54,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from .api import allowed, find, openapi_document, route_list
-from .errors import PromptTooLong
+from .errors import PromptTooLong, ServeError
 from .limits import MAX_JSON_DEPTH, too_deep
 from .policy import DEFAULT_REFUSAL, merge
 
@@ -68,7 +70,7 @@ LINGER_SECONDS = 2.0  # after answering a request whose body was not read: how l
 _CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
 
-class _BadRequest(ValueError):
+class _BadRequest(ServeError):
     pass
 
 
@@ -159,7 +161,7 @@ def _texts(body: dict, max_chars: int) -> list[str]:
 
 def _positive(name: str, value, minimum: float = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise ValueError(f"{name} must be a number >= {minimum:g}, got {value!r}")
+        raise ServeError(f"{name} must be a number >= {minimum:g}, got {value!r}")
 
 
 class ProbeServer(ThreadingHTTPServer):
@@ -441,12 +443,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(e)}, {"Retry-After": str(e.retry_after)})
         except (_TooLarge, PromptTooLong) as e:
             self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": str(e)})
-        except (ValueError, TypeError) as e:  # _BadRequest, and the ProbedModel's own checks (e.g. refuse_on)
+        except ServeError as e:  # _BadRequest, and the ProbedModel's own checks (e.g. refuse_on)
             self._send(HTTPStatus.BAD_REQUEST, {"error": str(e)})
         except _CLIENT_GONE:
             raise
-        except Exception as e:  # noqa: BLE001 - answer rather than drop the connection; the server keeps running
-            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {e}"})
+        except Exception as e:  # noqa: BLE001 - a bug: answer rather than drop the connection; the server keeps running
+            # the traceback goes to the operator's stderr, not to the client (it shows the server's internals)
+            print(f"probecache serve: internal error answering POST {self._route()}:\n"
+                  f"{''.join(traceback.format_exception(e)).rstrip()}", file=sys.stderr)
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error ({type(e).__name__}); the server "
+                                                                   "logged its traceback"})
 
 
 def make_server(probed: ProbedModel, host: str = "127.0.0.1", port: int = 8000, **options) -> ProbeServer:

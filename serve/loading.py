@@ -93,16 +93,16 @@ def load_run(path: str | Path, name: str | None = None, device: str | torch.devi
     """A run folder written by ``probecache train`` as a :class:`ServedRun` (probe on ``device``, float32)."""
     path = Path(path).expanduser()
     if not (path / "config.json").is_file() or not (path / "probe.safetensors").is_file():
-        raise ValueError(f"{path} is not a complete probecache run (config.json and probe.safetensors): pass the "
+        raise ServeError(f"{path} is not a complete probecache run (config.json and probe.safetensors): pass the "
                          f"folder printed as `run: ...` by probecache train")
     config = read_json(path / "config.json")
     kind = config.get("probe")
     if kind == "tfidf":
-        raise ValueError(f"run {path.name} is a tfidf baseline: it reads the raw text, not the model's hidden "
+        raise ServeError(f"run {path.name} is a tfidf baseline: it reads the raw text, not the model's hidden "
                          f"states, so it cannot run inside the forward pass; serve a pooling, scoring, mha, linear "
                          f"or muli run (score tfidf with `probecache eval`)")
     if kind not in SERVABLE:
-        raise ValueError(f"run {path.name} has probe {kind!r}; serving supports {', '.join(SERVABLE)}")
+        raise ServeError(f"run {path.name} has probe {kind!r}; serving supports {', '.join(SERVABLE)}")
     store = config["store"]
     check_safetensors(path / "probe.safetensors")  # a pickle, a torch.save zip or a torn file: one line, never loaded
     check_store_labels(path.name, store)
@@ -112,7 +112,7 @@ def load_run(path: str | Path, name: str | None = None, device: str | torch.devi
     if kind in PROBES:
         probe, probe_config = load_probe(path / "probe.safetensors", device=device)
         if probe_config.n_layers != len(run.layers) or probe_config.hidden_size != store["hidden_size"]:
-            raise ValueError(f"run {path.name}: probe.safetensors reads {probe_config.n_layers} layers of width "
+            raise ServeError(f"run {path.name}: probe.safetensors reads {probe_config.n_layers} layers of width "
                              f"{probe_config.hidden_size} but config.json lists {len(run.layers)} layers of width "
                              f"{store['hidden_size']}: the run folder is inconsistent; retrain it")
         run.probe = probe.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
@@ -120,7 +120,7 @@ def load_run(path: str | Path, name: str | None = None, device: str | torch.devi
         run.baseline = LogisticModel.load(path / "probe.safetensors")
         run.readout = config.get("selected", {}).get("readout", "mean")
         if kind == "linear" and len(run.layers) != 1:
-            raise ValueError(f"run {path.name}: a linear run reads one layer, config.json lists {run.layers}")
+            raise ServeError(f"run {path.name}: a linear run reads one layer, config.json lists {run.layers}")
     return run
 
 
@@ -158,11 +158,11 @@ def load_runs(runs, device: str | torch.device = "cpu") -> list[ServedRun]:
     items = runs.items() if isinstance(runs, dict) else [(None, r) for r in runs]
     loaded = [r if isinstance(r, ServedRun) else load_run(r, name, device) for name, r in items]
     if not loaded:
-        raise ValueError("no runs given: pass at least one run folder")
+        raise ServeError("no runs given: pass at least one run folder")
     names = [r.name for r in loaded]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"two runs share the name {duplicates[0]!r}: give them distinct names (NAME=RUN on the "
+        raise ServeError(f"two runs share the name {duplicates[0]!r}: give them distinct names (NAME=RUN on the "
                          f"command line, a {{name: path}} dict in Python)")
     return loaded
 
@@ -172,19 +172,19 @@ def check_runs(runs: list[ServedRun]) -> Tokenisation:
     first = runs[0]
     for run in runs[1:]:
         if run.store.get("model_weights") != first.store.get("model_weights"):
-            raise ValueError(f"runs {first.name} and {run.name} come from different models "
+            raise ServeError(f"runs {first.name} and {run.name} come from different models "
                              f"({first.store.get('model_weights')} vs {run.store.get('model_weights')}): one "
                              f"forward pass serves probes of one model; serve them from separate processes")
         for key in TOKENISATION_KEYS:
             if run.store.get(key) != first.store.get(key):
-                raise ValueError(f"runs {first.name} and {run.name} were trained on different tokenisations "
+                raise ServeError(f"runs {first.name} and {run.name} were trained on different tokenisations "
                                  f"({key}: {first.store.get(key)!r} vs {run.store.get(key)!r}): they cannot share "
                                  f"a forward pass; re-extract one store with the other's --prompt-format / "
                                  f"--truncation-side and retrain")
     limits = {run.max_tokens for run in runs}
     side = first.store.get("truncation_side") or "right"
     if side == "left" and len(limits) > 1:
-        raise ValueError(f"runs truncate prompts on the left to different lengths ({sorted(limits)} tokens): the "
+        raise ServeError(f"runs truncate prompts on the left to different lengths ({sorted(limits)} tokens): the "
                          f"kept tokens' states depend on the cut, so they cannot share a pass; re-extract with one "
                          f"--max-tokens")
     known = [limit for limit in limits if limit is not None]  # None: no truncation (benchmark runs)
@@ -198,28 +198,28 @@ def check_model_shapes(runs: list[ServedRun], config) -> None:
     for run in runs:
         trained = (run.store.get("n_layers"), run.store.get("hidden_size"))
         if trained != (n_states, hidden):
-            raise ValueError(f"run {run.name} was trained on a model with {trained[0]} hidden states of width "
+            raise ServeError(f"run {run.name} was trained on a model with {trained[0]} hidden states of width "
                              f"{trained[1]}, this model has {n_states} of width {hidden}: load the model the run "
                              f"was trained with ({run.store.get('model')})")
         if any(not 0 <= i < n_states for i in run.layers):
-            raise ValueError(f"run {run.name} reads layers {run.layers}, the model has 0..{n_states - 1}")
+            raise ServeError(f"run {run.name} reads layers {run.layers}, the model has 0..{n_states - 1}")
         if run.kind == "muli" and run.baseline.n_features != config.vocab_size:
-            raise ValueError(f"run {run.name} reads {run.baseline.n_features} logits, the model's vocabulary has "
+            raise ServeError(f"run {run.name} reads {run.baseline.n_features} logits, the model's vocabulary has "
                              f"{config.vocab_size}: load the model the run was trained with")
         if run.kind == "linear" and run.baseline.n_features != hidden:
-            raise ValueError(f"run {run.name} reads {run.baseline.n_features} features, the model has width {hidden}")
+            raise ServeError(f"run {run.name} reads {run.baseline.n_features} features, the model has width {hidden}")
 
 
 def check_source(runs: list[ServedRun], weights_id: str, tokenizer_ids: dict) -> None:
     """The resolved model files must be the very ones the runs' stores were extracted with."""
     run = runs[0]
     if weights_id != run.store.get("model_weights"):
-        raise ValueError(f"model {run.store.get('model')!r} now resolves to weights {weights_id}, but run {run.name} "
+        raise ServeError(f"model {run.store.get('model')!r} now resolves to weights {weights_id}, but run {run.name} "
                          f"was trained on {run.store.get('model_weights')}: pass model= (--model) pointing at the "
                          f"checkpoint the store was extracted with")
     for key in ("tokenizer_sha256", "chat_template_sha256"):
         if tokenizer_ids.get(key) != run.store.get(key):
             what = "tokenizer" if key == "tokenizer_sha256" else "chat template"
-            raise ValueError(f"the model's {what} differs from the one run {run.name} was trained with ({key} "
+            raise ServeError(f"the model's {what} differs from the one run {run.name} was trained with ({key} "
                              f"{tokenizer_ids.get(key)} vs {run.store.get(key)}): serve with the tokenizer files "
                              f"of the extraction, or re-extract and retrain")

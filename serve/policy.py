@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
+from .errors import ServeError
 from .loading import ServedRun
 
 DEFAULT_REFUSAL = "I can't help with that request."
@@ -57,15 +58,25 @@ class RefusalRule:
         return result["label"] in self.labels
 
 
+_SPELLINGS = "a probe name, a list of names, or {name: null | threshold | label | [labels]}"
+
+
 def as_mapping(refuse_on) -> dict:
-    """Any accepted spelling of ``refuse_on`` -> {probe name: None | threshold | label(s)}."""
+    """Any accepted spelling of ``refuse_on`` -> {probe name: None | threshold | label(s)}; ServeError for anything
+    else (it may come from an HTTP request body, so its shape is checked here, not trusted)."""
     if refuse_on is None:
         return {}
     if isinstance(refuse_on, str):
         return {refuse_on: None}
     if isinstance(refuse_on, Mapping):
-        return dict(refuse_on)
-    return dict.fromkeys(refuse_on)
+        rules = dict(refuse_on)
+    elif isinstance(refuse_on, (list, tuple)) and all(isinstance(name, str) for name in refuse_on):
+        rules = dict.fromkeys(refuse_on)
+    else:
+        raise ServeError(f"refuse_on must be {_SPELLINGS}, got {refuse_on!r}")
+    if not all(isinstance(name, str) for name in rules):
+        raise ServeError(f"refuse_on names probes by their names (strings), got {sorted(map(repr, rules))}")
+    return rules
 
 
 def merge(base, extra) -> dict:
@@ -82,24 +93,27 @@ def parse_rules(refuse_on, runs: list[ServedRun]) -> list[RefusalRule]:
     for name, when in refuse_on.items():
         run = by_name.get(name)
         if run is None:
-            raise ValueError(f"refuse_on names probe {name!r}, which is not served (served: {', '.join(by_name)})")
+            raise ServeError(f"refuse_on names probe {name!r}, which is not served (served: {', '.join(by_name)})")
         if when is None or when is True:
             if not run.binary:
-                raise ValueError(f"probe {name} has {len(run.label_names)} classes: say which labels refuse, e.g. "
+                raise ServeError(f"probe {name} has {len(run.label_names)} classes: say which labels refuse, e.g. "
                                  f"refuse_on={{{name!r}: {run.label_names[-1]!r}}}")
             rules.append(RefusalRule(name, labels=frozenset([run.label_names[1]])))
         elif isinstance(when, (int, float)) and not isinstance(when, bool):
             if not run.binary:
-                raise ValueError(f"probe {name} is multiclass: a threshold applies to binary probes; name the "
+                raise ServeError(f"probe {name} is multiclass: a threshold applies to binary probes; name the "
                                  f"labels that refuse instead (one of {run.label_names})")
             if not 0.0 <= float(when) <= 1.0:
-                raise ValueError(f"refusal threshold for {name} must be a probability in [0, 1], got {when}")
+                raise ServeError(f"refusal threshold for {name} must be a probability in [0, 1], got {when}")
             rules.append(RefusalRule(name, threshold=float(when)))
         else:
+            if not (isinstance(when, str) or isinstance(when, (list, tuple)) and all(isinstance(v, str) for v in when)):
+                raise ServeError(f"refuse_on[{name!r}] must be null, a threshold, a label or a list of labels, got "
+                                 f"{when!r}")
             labels = frozenset([when] if isinstance(when, str) else when)
             unknown = sorted(labels - set(run.label_names))
             if unknown or not labels:
-                raise ValueError(f"probe {name} has labels {run.label_names}; refuse_on gave {sorted(labels)}")
+                raise ServeError(f"probe {name} has labels {run.label_names}; refuse_on gave {sorted(labels)}")
             rules.append(RefusalRule(name, labels=labels))
     return rules
 
@@ -125,7 +139,7 @@ class RefuseFirstToken(LogitsProcessor):
         self.flagged = self.decide().to(scores.device)  # (B,) bool
         if self.flagged.any():
             if self.eos_id is None:
-                raise ValueError("a refusal needs an end-of-sequence token: this model's generation config and "
+                raise ServeError("a refusal needs an end-of-sequence token: this model's generation config and "
                                  "tokenizer define none")
             forced = torch.full_like(scores[0], float("-inf"))  # (V,)
             forced[self.eos_id] = 0.0

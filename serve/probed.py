@@ -61,7 +61,7 @@ from probecache.lm.models import (
 from probecache.lm.tokens import Tokenisation, encode, pad_batch, pad_token_id, truncate
 from probecache.store.codecs import LOGICAL_DTYPES
 
-from .errors import PromptTooLong
+from .errors import PromptTooLong, ServeError
 from .hooks import register_state_hooks, remove_hooks
 from .loading import ServedRun, check_model_shapes, check_runs, check_source, load_runs
 from .policy import DEFAULT_REFUSAL, RefuseFirstToken, parse_rules, refused_by
@@ -104,7 +104,7 @@ def _torch_dtype(dtype) -> torch.dtype:
     try:
         return resolve_dtype(dtype, "cpu")  # "bf16" | "fp16" | "fp32" ("auto" needs a device: resolved below)
     except ModelError as e:
-        raise ValueError(str(e)) from None
+        raise ServeError(str(e)) from None
 
 
 class ProbedModel:
@@ -126,7 +126,7 @@ class ProbedModel:
             check_source(self.runs, source.weights_id, tokenizer_identity(source, tokenizer))
         if (self.tokenisation.prompt_format == "chat" and tokenizer is not None
                 and not getattr(tokenizer, "chat_template", None)):
-            raise ValueError(f"run {self.runs[0].name} was trained on chat-formatted prompts (--prompt-format chat) "
+            raise ServeError(f"run {self.runs[0].name} was trained on chat-formatted prompts (--prompt-format chat) "
                              f"but this tokenizer has no chat template: load the tokenizer of the extraction")
         for run in self.runs:
             if run.probe is not None:
@@ -151,7 +151,7 @@ class ProbedModel:
             device = resolve_device(device)
             torch_dtype = resolve_dtype("auto", device) if dtype == "auto" else _torch_dtype(dtype or store["dtype"])
         except ModelError as e:
-            raise ValueError(str(e)) from None
+            raise ServeError(str(e)) from None
         if source.weights_id != store.get("model_weights"):  # checked again in __init__; fail before the load
             check_source(runs, source.weights_id, {})
         loaded, tokenizer = load_model(source, torch_dtype, device)
@@ -195,7 +195,7 @@ class ProbedModel:
         ids, lengths = encode(list(texts), self.tokenizer, self._cut_by(whole))
         empty = [i for i, seq in enumerate(ids) if not seq]
         if empty:
-            raise ValueError(f"text {empty[0]} has no tokens: pass non-empty texts")
+            raise ServeError(f"text {empty[0]} has no tokens: pass non-empty texts")
         return ids, lengths
 
     def _check_lengths(self, lengths: Sequence[int], truncate: bool) -> None:
@@ -321,7 +321,7 @@ class ProbedModel:
         cut). Batches of similar length (longest first), right-padded as in extraction; the base model runs
         without its LM head (only muli needs logits, and only at one position per prompt)."""
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise ServeError(f"batch_size (--batch-size) must be at least 1, got {batch_size}")
         self._check_lengths([len(ids) for ids in token_ids], truncate)
         token_ids = self._cut(token_ids, whole=False)
         if not token_ids:
@@ -370,7 +370,7 @@ class ProbedModel:
                   refusal: str, decode: bool, generate_kwargs: dict) -> list[dict]:
         """Generation on prompts already checked and cut; ``lengths``: their untruncated token counts."""
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1 (the probes score the prefill of the first token), "
+            raise ServeError(f"max_new_tokens must be at least 1 (the probes score the prefill of the first token), "
                              f"got {max_new_tokens}")
         for key in ("num_beams", "num_return_sequences"):
             if generate_kwargs.get(key, 1) != 1:
@@ -436,5 +436,5 @@ def run_names(specs: Sequence[str]) -> dict[str, Path] | list[Path]:
         else:
             named[Path(spec).name or spec] = Path(spec)
     if len(named) != len(specs):
-        raise ValueError(f"two --run arguments share a name ({', '.join(specs)}): name them NAME=RUN")
+        raise ServeError(f"two --run arguments share a name ({', '.join(specs)}): name them NAME=RUN")
     return named

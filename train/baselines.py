@@ -47,17 +47,20 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.sparse as sp
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
-from scipy.special import expit, softmax
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
 from tqdm import tqdm
 
+from .errors import TrainError
 from .metrics import METRICS, Metrics, compute_metrics, tune_threshold
+
+if TYPE_CHECKING:  # scikit-learn and scipy load only when a baseline is fitted or a TF-IDF model transforms text:
+    # serving a probe (which reads LogisticModel files) never imports them
+    import scipy.sparse as sp
+    from sklearn.feature_extraction.text import TfidfVectorizer
 
 __all__ = [
     "LayerSweep",
@@ -80,10 +83,15 @@ _METADATA_KEY = "probecache.metadata"
 _VOCAB_KEY = "probecache.tfidf_vocabulary"
 _CHUNK = 1 << 22  # predict_proba: elements per row chunk (32 MiB of float64)
 
-# sklearn 1.8 deprecated ``penalty`` (removed in 1.10) for ``l1_ratio``; older versions ignore l1_ratio unless
-# penalty="elasticnet". Pick whichever spelling this sklearn understands.
-_PENALTY_PARAM = inspect.signature(LogisticRegression).parameters.get("penalty")
-_USE_L1_RATIO = _PENALTY_PARAM is None or _PENALTY_PARAM.default == "deprecated"
+
+def _penalty_kwargs(penalty: str) -> dict:
+    """sklearn 1.8 deprecated ``penalty`` (removed in 1.10) for ``l1_ratio``; older versions ignore l1_ratio unless
+    penalty="elasticnet". Whichever spelling this sklearn understands."""
+    from sklearn.linear_model import LogisticRegression
+
+    param = inspect.signature(LogisticRegression).parameters.get("penalty")
+    use_l1_ratio = param is None or param.default == "deprecated"
+    return {"l1_ratio": float(penalty == "l1")} if use_l1_ratio else {"penalty": penalty}
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -171,12 +179,12 @@ class LogisticModel:
         """Logits (N, K) in float64. ``x``: (N, F) dense numpy/torch, or a scipy sparse matrix."""
         coef64, intercept64 = self.coef.astype(np.float64), self.intercept.astype(np.float64)
         mean64, scale64 = self.mean.astype(np.float64), self.scale.astype(np.float64)
-        if sp.issparse(x):
+        if hasattr(x, "tocsr"):  # a scipy sparse matrix (TF-IDF rows)
             if x.ndim != 2 or x.shape[1] != self.n_features:
                 raise ValueError(f"x must be (N, {self.n_features}), got shape {x.shape}")
             # fold the standardisation into the weights: centring would densify x
             w = coef64 / scale64  # (K, F)
-            z = np.asarray(sp.csr_matrix(x, dtype=np.float64) @ w.T) + (intercept64 - w @ mean64)
+            z = np.asarray(x.tocsr().astype(np.float64) @ w.T) + (intercept64 - w @ mean64)
         else:
             x = _to_numpy(x)
             if x.ndim != 2 or x.shape[1] != self.n_features:
@@ -193,7 +201,11 @@ class LogisticModel:
     def predict_proba(self, x) -> np.ndarray:
         """(N,) P(class 1) for a binary model, (N, C) softmax probabilities otherwise; float64 in [0, 1]."""
         z = self.decision_function(x)
-        p = expit(z[:, 0]) if self.n_classes == 2 else softmax(z, axis=1)
+        if self.n_classes == 2:
+            p = 0.5 * (1.0 + np.tanh(0.5 * z[:, 0]))  # the logistic function, without overflow for any z
+        else:
+            e = np.exp(z - z.max(axis=1, keepdims=True))  # softmax, shifted: exp never overflows
+            p = e / e.sum(axis=1, keepdims=True)
         return np.clip(p, 0.0, 1.0)
 
     def _config(self) -> dict:
@@ -217,7 +229,9 @@ class LogisticModel:
             return cls(coef=tensors["coef"], intercept=tensors["intercept"], mean=tensors["mean"],
                        scale=tensors["scale"], n_classes=config["n_classes"], penalty=config["penalty"], C=config["C"])
         except KeyError as e:
-            raise ValueError(f"{path}: incomplete baseline model: no {e.args[0]!r}") from e
+            raise TrainError(f"{path}: incomplete baseline model: no {e.args[0]!r}") from e
+        except ValueError as e:  # the model's own consistency checks, on what the file holds
+            raise TrainError(f"{path}: inconsistent baseline model ({e}): retrain the run") from e
 
 
 # ---------------------------------------------------------------------------------------------------- artifacts
@@ -238,20 +252,21 @@ def _open(path):
     try:
         return safe_open(str(path), framework="np")
     except SafetensorError as e:
-        raise ValueError(f"{path} is not a safetensors file ({e})") from e
+        raise TrainError(f"{path} is not a safetensors file ({e}): retrain the run, or restore its probe.safetensors "
+                         f"from a copy") from e
 
 
 def _load(path, kind: str) -> tuple[dict[str, np.ndarray], dict, dict]:
     with _open(path) as f:
         meta = f.metadata() or {}
         if _CONFIG_KEY not in meta:
-            raise ValueError(f"{path} is not a probecache baseline: its safetensors metadata has no {_CONFIG_KEY}")
+            raise TrainError(f"{path} is not a probecache baseline: its safetensors metadata has no {_CONFIG_KEY}")
         if meta.get(_FORMAT_KEY) != FORMAT_VERSION:
-            raise ValueError(f"{path} has baseline format {meta.get(_FORMAT_KEY)!r}; this version reads "
+            raise TrainError(f"{path} has baseline format {meta.get(_FORMAT_KEY)!r}; this version reads "
                              f"{FORMAT_VERSION!r}: upgrade probecache")
         config = json.loads(meta[_CONFIG_KEY])
         if config.get("kind") != kind:
-            raise ValueError(f"{path} holds a {config.get('kind')!r} baseline, not a {kind!r} one")
+            raise TrainError(f"{path} holds a {config.get('kind')!r} baseline, not a {kind!r} one")
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     return tensors, config, meta
 
@@ -261,7 +276,7 @@ def read_metadata(path: str | Path) -> dict:
     with _open(path) as f:
         meta = f.metadata() or {}
     if _CONFIG_KEY not in meta:
-        raise ValueError(f"{path} is not a probecache baseline: its safetensors metadata has no {_CONFIG_KEY}")
+        raise TrainError(f"{path} is not a probecache baseline: its safetensors metadata has no {_CONFIG_KEY}")
     return json.loads(meta.get(_METADATA_KEY, "{}"))
 
 
@@ -274,7 +289,7 @@ def _fit(x, y: np.ndarray, n_classes: int, penalty: str, C: float, class_weight,
     missing = sorted(set(range(n_classes)) - set(np.unique(y).tolist()))
     if missing:
         what = "a single class" if len(missing) == n_classes - 1 else f"no example of class(es) {missing}"
-        raise ValueError(f"the training labels have {what}: every one of the {n_classes} classes must occur")
+        raise TrainError(f"the training labels have {what}: every one of the {n_classes} classes must occur")
     n_features = x.shape[1]
     if standardise:
         mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)  # (F,)
@@ -287,9 +302,11 @@ def _fit(x, y: np.ndarray, n_classes: int, penalty: str, C: float, class_weight,
         mean, scale = np.zeros(n_features, np.float32), np.ones(n_features, np.float32)
         xs = x
     solver = "lbfgs" if penalty == "l2" else "liblinear" if n_classes == 2 else "saga"
-    kwargs = {"l1_ratio": float(penalty == "l1")} if _USE_L1_RATIO else {"penalty": penalty}
+    kwargs = _penalty_kwargs(penalty)
     if solver == "liblinear":
         kwargs["intercept_scaling"] = 10.0
+    from sklearn.linear_model import LogisticRegression
+
     clf = LogisticRegression(C=C, solver=solver, class_weight=class_weight, random_state=seed, max_iter=max_iter,
                              **kwargs)
     clf.fit(xs, y)
@@ -403,6 +420,8 @@ def layer_sweep(x_train, y_train, x_val, y_val, layers: Sequence[int], n_classes
 def _vectorizer(vocabulary: dict[str, int], idf: np.ndarray, ngram_range=(1, 2), lowercase: bool = True,
                 sublinear_tf: bool = True) -> TfidfVectorizer:
     """The tf-idf transform rebuilt from a fixed vocabulary and idf: the only one ever used to predict."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
     vec = TfidfVectorizer(vocabulary=vocabulary, ngram_range=tuple(ngram_range), lowercase=lowercase,
                           sublinear_tf=sublinear_tf)
     vec.idf_ = np.array(idf, dtype=np.float64)  # the setter also checks len(vocabulary) == len(idf)
@@ -451,10 +470,10 @@ class TfidfModel:
     def load(cls, path: str | Path) -> TfidfModel:
         tensors, config, meta = _load(path, "tfidf")
         if _VOCAB_KEY not in meta or "idf" not in tensors:
-            raise ValueError(f"{path}: incomplete TF-IDF baseline (no vocabulary or idf)")
+            raise TrainError(f"{path}: incomplete TF-IDF baseline (no vocabulary or idf)")
         terms = json.loads(meta[_VOCAB_KEY])
         if len(set(terms)) != len(terms):
-            raise ValueError(f"{path}: the TF-IDF vocabulary has duplicate terms")
+            raise TrainError(f"{path}: the TF-IDF vocabulary has duplicate terms")
         return cls(vocabulary={t: i for i, t in enumerate(terms)}, idf=tensors["idf"],
                    model=LogisticModel._from(tensors, config, path), ngram_range=tuple(config["ngram_range"]),
                    lowercase=config["lowercase"], sublinear_tf=config["sublinear_tf"])
@@ -474,12 +493,14 @@ def _tfidf_train(texts, y, n_classes: int, min_df: int, max_features: int, name:
     """Fit the vocabulary on the training texts: (vocabulary, idf, transform, x (N, V) CSR, labels)."""
     texts = _texts(texts)
     labels = _labels(y, n_classes, len(texts), name)
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
     fitted = TfidfVectorizer(ngram_range=(1, 2), lowercase=True, sublinear_tf=True, min_df=min_df,
                              max_features=max_features)
     try:
         fitted.fit(texts)
     except ValueError as e:  # "After pruning, no terms remain" / "empty vocabulary"
-        raise ValueError(f"TF-IDF found no usable terms in {len(texts)} training texts (min_df={min_df}): {e}") from e
+        raise TrainError(f"TF-IDF found no usable terms in {len(texts)} training texts (min_df={min_df}): {e}") from e
     vocabulary = {k: int(v) for k, v in fitted.vocabulary_.items()}
     vec = _vectorizer(vocabulary, fitted.idf_)
     return vocabulary, fitted.idf_, vec, vec.transform(texts), labels

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import torch
 from probecache.store.reader import Store
 
+from .errors import TrainError
 from .loaders import Batch, Layers, TokenStream, load_pooled
 from .probes import ProbeConfig
 
@@ -62,7 +63,7 @@ def _split_labels(store: Store, split: str) -> tuple[list[str], np.ndarray]:
     labels = np.array([-1 if v is None else int(v) for v in table["label"].to_pylist()], dtype=np.int64)
     if (labels < 0).any():
         missing = [ids[i] for i in np.flatnonzero(labels < 0)[:3]]
-        raise ValueError(f"store {store.store_id}: {int((labels < 0).sum())} example(s) of split {split!r} have no "
+        raise TrainError(f"store {store.store_id}: {int((labels < 0).sum())} example(s) of split {split!r} have no "
                          f"label (e.g. {missing}): re-extract with a label column (--label-col)")
     return ids, labels
 
@@ -95,17 +96,17 @@ def resolve_splits(store: Store, train: str = "train", validation: str = "valida
     counts = split_counts(store)
     have = ", ".join(f"{k} ({v})" for k, v in sorted(counts.items())) or "none"
     if train not in counts:
-        raise ValueError(f"store {store.store_id} has no committed {train!r} examples (it has: {have}): "
+        raise TrainError(f"store {store.store_id} has no committed {train!r} examples (it has: {have}): "
                          f"pass --train-split, or finish the extraction (`probecache store status`)")
     train_ids, train_labels = _split_labels(store, train)
     if len(np.unique(train_labels)) < 2:
-        raise ValueError(f"split {train!r} of store {store.store_id} has a single class: a probe needs two or more")
+        raise TrainError(f"split {train!r} of store {store.store_id} has a single class: a probe needs two or more")
     if validation in counts:
         _split_labels(store, validation)  # fail early on missing labels
         train_spec, val_spec = SplitSpec(train), SplitSpec(validation)
     else:
         if not 0 < validation_fraction < 1:
-            raise ValueError(f"--validation-fraction must be in (0, 1), got {validation_fraction}")
+            raise TrainError(f"--validation-fraction must be in (0, 1), got {validation_fraction}")
         val_ids = carve(train_ids, train_labels, validation_fraction, carve_seed)
         train_spec = SplitSpec(train, frozenset(train_ids) - val_ids, carved=True)
         val_spec = SplitSpec(train, val_ids, carved=True)

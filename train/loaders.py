@@ -29,6 +29,8 @@ from probecache.store.codecs import LOGICAL_DTYPES, from_storage
 from probecache.store.layers import Layers
 from probecache.store.reader import Store, open_store
 
+from .errors import TrainError
+
 _MANIFEST_COLUMNS = ["example_id", "label", "n_tokens", "segment", "token_offset", "row"]
 
 
@@ -50,7 +52,7 @@ def _split_manifest(store: Store, split: str | Sequence[str] | None, ids: Collec
     table = store.manifest(split=split, columns=_MANIFEST_COLUMNS, filter=expr)
     if table.num_rows == 0:
         subset = "" if ids is None else f" among the {len(ids)} example ids given"
-        raise ValueError(f"store {store.store_id} has no committed examples of split {split!r}{subset}")
+        raise TrainError(f"store {store.store_id} has no committed examples of split {split!r}{subset}")
     return table
 
 
@@ -140,9 +142,9 @@ class TokenStream:
                  dtype: torch.dtype | None = torch.float32, drop_last: bool = False,
                  ids: Collection[str] | None = None):
         if batch_size < 1:
-            raise ValueError("batch_size must be a positive integer")
+            raise TrainError(f"--batch-size must be a positive integer, got {batch_size}")
         if buffer_tokens < 0:
-            raise ValueError("buffer_tokens must be >= 0")
+            raise TrainError(f"--buffer-tokens must be >= 0, got {buffer_tokens}")
         self.store = _as_store(store)
         self.split = split
         self.layers = self.store.select_layers(layers)

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from .errors import TrainError
 from .metrics import average_precision, roc_auc
 
 __all__ = ["METRIC_LABELS", "plot_layer_curve", "plot_layer_weights", "plot_pr_roc", "write_run_plots"]
@@ -281,10 +282,10 @@ def _score_columns(table: pa.Table) -> list[str]:
         return ["score"]
     numbered = [(int(m.group(1)), name) for name in table.column_names if (m := re.fullmatch(r"score_(\d+)", name))]
     if not numbered:
-        raise ValueError("scores.parquet has neither a 'score' column nor 'score_0'.. columns")
+        raise TrainError("scores.parquet has neither a 'score' column nor 'score_0'.. columns")
     numbered.sort()
     if [c for c, _ in numbered] != list(range(len(numbered))):
-        raise ValueError(f"scores.parquet score columns are not score_0..score_{len(numbered) - 1}")
+        raise TrainError(f"scores.parquet score columns are not score_0..score_{len(numbered) - 1}")
     return [name for _, name in numbered]
 
 
@@ -293,7 +294,7 @@ def write_run_plots(run_dir: str | Path) -> list[Path]:
 
     ``layer_weights.png`` from layer_weights.parquet, ``layer_curve.png`` from layer_curve.parquet,
     ``pr_roc.png`` from the test rows of scores.parquet (the validation rows when there are none). A
-    missing file, or one with no rows, is skipped; a malformed one raises ValueError naming it.
+    missing file, or one with no rows, is skipped; a malformed one raises TrainError naming it.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -314,14 +315,14 @@ def write_run_plots(run_dir: str | Path) -> list[Path]:
         try:
             table = pq.read_table(path)
         except (OSError, pa.ArrowException) as exc:
-            raise ValueError(f"cannot read {path}: {exc}") from exc
+            raise TrainError(f"cannot read {path}: {exc}") from exc
         return table if table.num_rows else None
 
     def guarded(name: str, fn, *args, **kw) -> None:
         try:
             written.append(fn(*args, **kw))
-        except ValueError as exc:
-            raise ValueError(f"{run_dir / name}: {exc}") from exc
+        except ValueError as exc:  # the plot's own checks of what the file holds (shapes, NaN, columns)
+            raise TrainError(f"{run_dir / name}: {exc}") from exc
 
     if (table := read("layer_weights.parquet")) is not None:
         guarded("layer_weights.parquet", plot_layer_weights, table, class_names, out / "layer_weights.png",
@@ -339,8 +340,8 @@ def write_run_plots(run_dir: str | Path) -> list[Path]:
             rows = table.filter(pa.array([s == split for s in splits]))
             try:
                 cols = _score_columns(rows)
-            except ValueError as exc:
-                raise ValueError(f"{run_dir / 'scores.parquet'}: {exc}") from exc
+            except TrainError as exc:
+                raise TrainError(f"{run_dir / 'scores.parquet'}: {exc}") from exc
             scores = np.stack([_column(rows, c) for c in cols], axis=1)
             scores = scores[:, 0] if cols == ["score"] else scores
             guarded("scores.parquet", plot_pr_roc, _column(rows, "label", np.int64), scores, class_names,

@@ -60,6 +60,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .choices import NORMS, POOLS  # noqa: F401  (defined there: the CLI's --help names them without torch)
+from .errors import TrainError
 
 FORMAT_VERSION = "1"
 _CONFIG_KEY = "probecache.probe_config"
@@ -83,24 +84,24 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         if self.name not in PROBES:
-            raise ValueError(f"unknown probe {self.name!r}: choose one of {', '.join(PROBES)}")
+            raise TrainError(f"unknown probe {self.name!r}: choose one of {', '.join(PROBES)}")
         if self.pool not in POOLS:
-            raise ValueError(f"unknown pool {self.pool!r}: choose one of {', '.join(POOLS)}")
+            raise TrainError(f"unknown pool {self.pool!r}: choose one of {', '.join(POOLS)}")
         if self.norm not in NORMS:
-            raise ValueError(f"unknown norm {self.norm!r}: choose one of {', '.join(NORMS)}")
+            raise TrainError(f"unknown norm {self.norm!r}: choose one of {', '.join(NORMS)}")
         for field in ("n_layers", "hidden_size", "downcast", "heads"):
             if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be a positive integer, got {getattr(self, field)}")
+                raise TrainError(f"{field} must be a positive integer, got {getattr(self, field)}")
         if self.n_classes < 2:
-            raise ValueError(f"n_classes must be at least 2, got {self.n_classes}")
+            raise TrainError(f"n_classes must be at least 2, got {self.n_classes}")
         if self.name == "mha":
             if self.hidden_size % self.downcast:
                 divisors = [f for f in (2, 4, 8, 16, 32, 64) if self.hidden_size % f == 0]
-                raise ValueError(f"downcast {self.downcast} does not divide hidden_size {self.hidden_size}: "
+                raise TrainError(f"downcast {self.downcast} does not divide hidden_size {self.hidden_size}: "
                                  f"choose a downcast that divides it (e.g. {divisors or [1]})")
             if self.d_inner % self.heads:
                 divisors = [h for h in (1, 2, 4, 8, 16) if self.d_inner % h == 0]
-                raise ValueError(f"heads {self.heads} does not divide d_inner = hidden_size / downcast = "
+                raise TrainError(f"heads {self.heads} does not divide d_inner = hidden_size / downcast = "
                                  f"{self.d_inner}: choose heads that divide it (e.g. {divisors}) "
                                  f"or a smaller downcast")
 
@@ -302,30 +303,30 @@ def check_safetensors(path: str | Path) -> None:
         with open(path, "rb") as f:
             head = f.read(9)
     except OSError as e:
-        raise ValueError(f"{path} cannot be read ({e.strerror or e}): {fix}") from None
+        raise TrainError(f"{path} cannot be read ({e.strerror or e}): {fix}") from None
     if size == 0:
-        raise ValueError(f"{path} is empty, not a safetensors file: {fix}")
+        raise TrainError(f"{path} is empty, not a safetensors file: {fix}")
     if head.startswith(b"PK\x03\x04"):
-        raise ValueError(f"{path} is a zip archive (a torch.save checkpoint?), not a safetensors file; probecache "
+        raise TrainError(f"{path} is a zip archive (a torch.save checkpoint?), not a safetensors file; probecache "
                          f"never loads those: {fix}")
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        raise ValueError(f"{path} is a Python pickle, not a safetensors file; probecache never loads pickles (they "
+        raise TrainError(f"{path} is a Python pickle, not a safetensors file; probecache never loads pickles (they "
                          f"can run code): {fix}")
     if size < 9:
-        raise ValueError(f"{path} is not a safetensors file (it has only {size} bytes): {fix}")
+        raise TrainError(f"{path} is not a safetensors file (it has only {size} bytes): {fix}")
     n = int.from_bytes(head[:8], "little")
     if n > MAX_HEADER_BYTES or 8 + n > size or head[8:9] != b"{":
-        raise ValueError(f"{path} is not a safetensors file (its first 8 bytes announce a {n}-byte header in a "
+        raise TrainError(f"{path} is not a safetensors file (its first 8 bytes announce a {n}-byte header in a "
                          f"{size}-byte file): {fix}")
 
 
 def load_probe(path: str | Path, device: str | torch.device = "cpu") -> tuple[Probe, ProbeConfig]:
-    """A saved probe and its config; a file that is not one is a one-line ValueError."""
+    """A saved probe and its config; a file that is not one is a one-line TrainError."""
     check_safetensors(path)
     try:
         return _load_probe(path, device)
     except SafetensorError as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e}): retrain the run, or restore its "
+        raise TrainError(f"{path} is not a readable safetensors file ({e}): retrain the run, or restore its "
                          f"probe.safetensors from a copy") from None
 
 
@@ -333,16 +334,16 @@ def _load_probe(path: str | Path, device: str | torch.device) -> tuple[Probe, Pr
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         metadata = f.metadata() or {}
         if _CONFIG_KEY not in metadata:
-            raise ValueError(f"{path} is not a probecache probe: its safetensors metadata has no {_CONFIG_KEY}")
+            raise TrainError(f"{path} is not a probecache probe: its safetensors metadata has no {_CONFIG_KEY}")
         if metadata.get(_FORMAT_KEY) != FORMAT_VERSION:
-            raise ValueError(f"{path} has probe format {metadata.get(_FORMAT_KEY)!r}; this version reads "
+            raise TrainError(f"{path} has probe format {metadata.get(_FORMAT_KEY)!r}; this version reads "
                              f"{FORMAT_VERSION!r}: upgrade probecache")
         try:
             config = ProbeConfig(**json.loads(metadata[_CONFIG_KEY]))
-        except (TypeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: probe config does not match this version of probecache ({e})") from e
+        except (TypeError, json.JSONDecodeError, TrainError) as e:
+            raise TrainError(f"{path}: probe config does not match this version of probecache ({e})") from e
         if config.name not in PROBES:
-            raise ValueError(f"{path}: unknown probe {config.name!r} (this version has {', '.join(PROBES)})")
+            raise TrainError(f"{path}: unknown probe {config.name!r} (this version has {', '.join(PROBES)})")
         # clone: fresh, aligned memory (a tensor inside the file may be unaligned, and kernels chosen for it can
         # sum in another order: scores would differ from the trained probe's in the last bits)
         tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
@@ -352,6 +353,6 @@ def _load_probe(path: str | Path, device: str | torch.device) -> tuple[Probe, Pr
         probe.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:  # torch lists every missing or misshapen tensor over several lines
         first = str(e).strip().splitlines()
-        raise ValueError(f"{path}: its tensors do not fit its probe config ({first[-1].strip() if first else e}): "
+        raise TrainError(f"{path}: its tensors do not fit its probe config ({first[-1].strip() if first else e}): "
                          f"retrain the run") from None
     return probe, config

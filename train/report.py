@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from .errors import TrainError
 from .plots import DPI, METRIC_LABELS, write_run_plots
 
 __all__ = ["SPLITS", "collect_runs", "markdown_table", "write_report"]
@@ -205,8 +206,8 @@ def markdown_table(table: pa.Table, columns: Sequence[str] | Mapping[str, str] |
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def _no_runs(runs_dir: Path) -> ValueError:
-    return ValueError(f"no runs under {runs_dir}: train one with `probecache train --store STORE --probe NAME`")
+def _no_runs(runs_dir: Path) -> TrainError:
+    return TrainError(f"no runs under {runs_dir}: train one with `probecache train --store STORE --probe NAME`")
 
 
 def _panel_metric(rows: list[dict]) -> tuple[str, str]:
@@ -260,7 +261,7 @@ _RUN_COLUMNS = {"run_id": "run", "probe": "probe", "model": "model", "metric": "
 def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Write report.md, report.parquet and report.png (and every run's plots); return them keyed md/parquet/png.
 
-    ``out_dir`` defaults to ``<runs_dir>/report``. Raises ValueError when ``runs_dir`` holds no readable run.
+    ``out_dir`` defaults to ``<runs_dir>/report``. Raises TrainError when ``runs_dir`` holds no readable run.
     """
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():

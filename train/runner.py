@@ -26,12 +26,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from probecache.lm.devices import resolve_device
 from probecache.store.header import label_name_mismatch
 from probecache.store.reader import Store
 
 from . import baselines
-from .choices import ALL_PROBES, BASELINES, READOUTS  # noqa: F401  (defined there: the CLI's --help names them)
+from .choices import ALL_PROBES, BASELINES, CLASS_WEIGHTS, READOUTS  # noqa: F401  (defined there: the CLI's --help names them)
 from .data import Splits, SplitSpec, batch_source, resolve_splits, split_counts, split_examples
+from .errors import TrainError
 from .loaders import load_pooled
 from .metrics import metric_for
 from .probes import PROBES, check_safetensors, load_probe, save_probe
@@ -74,9 +76,15 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         if self.probe not in ALL_PROBES:
-            raise ValueError(f"unknown probe {self.probe!r}: choose one of {', '.join(ALL_PROBES)}")
+            raise TrainError(f"unknown probe {self.probe!r}: choose one of {', '.join(ALL_PROBES)}")
         if self.readout not in READOUTS:
-            raise ValueError(f"--readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
+            raise TrainError(f"--readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
+        if self.class_weight not in CLASS_WEIGHTS:  # probes check theirs in TrainConfig; baselines use this one
+            raise TrainError(f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}")
+        bad = [c for c in self.cs or () if not (np.isfinite(c) and c > 0)]
+        if bad:
+            raise TrainError(f"--C must be a positive finite number, got {bad[0]}")
+        self.device = resolve_device(self.device, TrainError)  # before any data is read: one line, not torch's assert
 
 
 def train_run(store: Store, options: TrainOptions) -> Path:
@@ -159,11 +167,11 @@ def _features(store: Store, probe: str, spec: SplitSpec, readout: str = "mean", 
         return data.x.numpy(), data.y.numpy(), data.example_ids
     if probe == "muli":
         if not store.info["capture"].get("logits"):
-            raise ValueError(f"store {store.store_id} has no logits: the muli baseline reads the next-token logits; "
+            raise TrainError(f"store {store.store_id} has no logits: the muli baseline reads the next-token logits; "
                              f"re-extract with --logits")
         return store.logits(ids).to(torch.float32).numpy(), labels, ids
     if not store.info["capture"].get("text"):
-        raise ValueError(f"store {store.store_id} holds no raw text (the default, for privacy): the tfidf baseline "
+        raise TrainError(f"store {store.store_id} holds no raw text (the default, for privacy): the tfidf baseline "
                          f"reads text; re-extract with --store-text")
     table = store.manifest(split=spec.split, columns=["example_id", "text"])
     text_of = dict(zip(table["example_id"].to_pylist(), table["text"].to_pylist(), strict=True))
@@ -250,7 +258,7 @@ def check_label_names(names: list[str], store: Store, run_id: str) -> None:
                                   store.store_id, run_id)
     if problem:
         message, whose = problem
-        raise ValueError(message if whose == "store" else
+        raise TrainError(message if whose == "store" else
                          f"{message}; evaluate on a store of the same task with the same label names")
 
 
@@ -281,9 +289,10 @@ def evaluate_run(run_dir: str | Path, store: Store, split: str = "test", device:
 
     ``batch_size`` defaults to the run's own: padding never changes a score, but batch composition moves the
     last float bits, which can split ties and so AUROC/AUPRC; the run's batch size reproduces metrics.json."""
+    device = resolve_device(device, TrainError)
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() or not (run_dir / "probe.safetensors").is_file():
-        raise ValueError(f"{run_dir} is not a complete probecache run (config.json and probe.safetensors): "
+        raise TrainError(f"{run_dir} is not a complete probecache run (config.json and probe.safetensors): "
                          f"pass the folder printed as `run: ...` by probecache train")
     config = read_json(run_dir / "config.json")
     check_compatible(config, store)
@@ -291,7 +300,7 @@ def evaluate_run(run_dir: str | Path, store: Store, split: str = "test", device:
     check_safetensors(run_dir / "probe.safetensors")
     counts = split_counts(store)
     if split not in counts:
-        raise ValueError(f"store {store.store_id} has no committed {split!r} examples (it has: "
+        raise TrainError(f"store {store.store_id} has no committed {split!r} examples (it has: "
                          f"{', '.join(sorted(counts)) or 'none'}): pass --split")
     spec, probe, threshold = SplitSpec(split), config["probe"], config["threshold"]
     if probe in PROBES:

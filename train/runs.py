@@ -31,6 +31,7 @@ from probecache.store.integrity import file_crc32c
 from probecache.store.reader import Store
 
 from .choices import DEFAULT_RUNS_DIR, default_runs_dir  # noqa: F401  (defined there: the CLI imports them light)
+from .errors import TrainError
 
 RUN_FILES = ("config.json", "metrics.json")
 
@@ -158,14 +159,14 @@ def check_compatible(config: dict, store: Store) -> None:
         if trained.get(key) != have:
             problems.append(f"{key} {trained.get(key)} (run) vs {have} (store)")
     if problems:
-        raise ValueError(f"store {store.store_id} was extracted with a different model than run "
+        raise TrainError(f"store {store.store_id} was extracted with a different model than run "
                          f"{config['run_id']} ({'; '.join(problems)}): evaluate on a store extracted with "
                          f"--model {trained.get('model')}")
     if trained.get("tokenizer_sha256") not in (None, identity.get("tokenizer_sha256")):
-        raise ValueError(f"store {store.store_id} was tokenised differently from run {config['run_id']}'s store: "
+        raise TrainError(f"store {store.store_id} was tokenised differently from run {config['run_id']}'s store: "
                          f"re-extract with the run's model ({trained.get('model')})")
     if trained.get("prompt_format") != identity.get("prompt_format"):
-        raise ValueError(f"run {config['run_id']} was trained on --prompt-format {trained.get('prompt_format')} "
+        raise TrainError(f"run {config['run_id']} was trained on --prompt-format {trained.get('prompt_format')} "
                          f"but store {store.store_id} holds --prompt-format {identity.get('prompt_format')}: "
                          f"re-extract with --prompt-format {trained.get('prompt_format')}")
 

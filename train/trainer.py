@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .choices import CLASS_WEIGHTS  # defined there: the CLI's --help names it without torch
+from .errors import TrainError
 from .loaders import Batch
 from .metrics import compute_metrics, tune_threshold
 from .probes import Probe, ProbeConfig, build_probe
@@ -50,14 +51,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+            raise TrainError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0:
-            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+            raise TrainError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         for name in ("batch_size", "epochs", "patience"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+                raise TrainError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if self.class_weight not in CLASS_WEIGHTS:
-            raise ValueError(f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}")
+            raise TrainError(f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from probecache.lm.models import load_model, resolve_model
+from probecache.serve.errors import ServeError
 from probecache.serve.hooks import decoder_parts, n_hidden_states, register_state_hooks, remove_hooks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,5 +68,5 @@ def test_hooks_only_where_asked_and_removed(loaded):
 
 
 def test_non_llama_models_are_refused():
-    with pytest.raises(ValueError, match="not a Llama-family decoder"):
+    with pytest.raises(ServeError, match="not a Llama-family decoder"):
         decoder_parts(torch.nn.Linear(2, 2))

@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from probecache.serve.errors import PromptTooLong
+from probecache.serve.errors import PromptTooLong, ServeError
 from probecache.serve.http import MAX_BODY_BYTES, make_server, start
 from probecache.serve.limits import MAX_JSON_DEPTH, json_depth
 from typer.testing import CliRunner
@@ -65,7 +65,7 @@ def test_prompts_longer_than_a_probe_reads_are_refused_by_default(short_limit):
                 call()
             message = one_line(e)
             assert f"has {LIMIT + 1} tokens" in message and f"at most {LIMIT}" in message and "truncate" in message
-            assert isinstance(e.value, ValueError) and e.value.limit == LIMIT
+            assert isinstance(e.value, ServeError) and not isinstance(e.value, ValueError) and e.value.limit == LIMIT
         assert calls == []  # refused before the model ran
         ids = pm.encode([long], whole=True)[0]
         with pytest.raises(PromptTooLong):

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from probecache.lm.models import load_model, resolve_model
+from probecache.serve.errors import ServeError
 from probecache.serve.loading import load_run
 from probecache.serve.probed import ProbedModel, run_names
 
@@ -36,44 +37,44 @@ def other_run(tiny_model_other_weights, serve_dir, sentiment_csv, extract_tiny_s
 
 
 def test_tfidf_runs_are_refused(runs32):
-    with pytest.raises(ValueError, match="tfidf baseline: it reads the raw text") as e:
+    with pytest.raises(ServeError, match="tfidf baseline: it reads the raw text") as e:
         ProbedModel.from_runs([runs32("tfidf")])
     one_line(e)
 
 
 def test_runs_of_different_models_are_refused(runs32, other_run):
-    with pytest.raises(ValueError, match="come from different models") as e:
+    with pytest.raises(ServeError, match="come from different models") as e:
         ProbedModel.from_runs([runs32("pooling"), other_run])
     assert "separate processes" in one_line(e)
 
 
 def test_a_model_with_other_weights_is_refused(runs32, tiny_model_other_weights, probed32):
-    with pytest.raises(ValueError, match="resolves to weights") as e:
+    with pytest.raises(ServeError, match="resolves to weights") as e:
         ProbedModel.from_runs([runs32("pooling")], model=str(tiny_model_other_weights))
     assert "--model" in one_line(e)
     source = resolve_model(str(tiny_model_other_weights))
     model, tokenizer = load_model(source, probed32.model.dtype, "cpu")
-    with pytest.raises(ValueError, match="resolves to weights"):
+    with pytest.raises(ServeError, match="resolves to weights"):
         ProbedModel(model, tokenizer, [runs32("pooling")], source=source)
 
 
 def test_another_chat_template_is_refused(runs32, tiny_model, tmp_path):
     edited = shutil.copytree(tiny_model, tmp_path / "edited")
     (edited / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    with pytest.raises(ValueError, match="chat template differs") as e:
+    with pytest.raises(ServeError, match="chat template differs") as e:
         ProbedModel.from_runs([runs32("pooling")], model=str(edited))  # same weights, other template
     one_line(e)
 
 
 def test_runs_with_different_prompt_formats_are_refused(runs32, chat_run):
-    with pytest.raises(ValueError, match="different tokenisations \\(prompt_format: 'raw' vs 'chat'\\)") as e:
+    with pytest.raises(ServeError, match="different tokenisations \\(prompt_format: 'raw' vs 'chat'\\)") as e:
         ProbedModel.from_runs({"raw": runs32("pooling"), "chat": chat_run})
     assert "--prompt-format" in one_line(e)
 
 
 def test_chat_runs_need_a_chat_template(chat_run, probed32, monkeypatch):
     monkeypatch.setattr(probed32.tokenizer, "chat_template", None)
-    with pytest.raises(ValueError, match="has no chat template") as e:
+    with pytest.raises(ServeError, match="has no chat template") as e:
         ProbedModel(probed32.model, probed32.tokenizer, [chat_run])
     one_line(e)
 
@@ -95,19 +96,19 @@ def test_a_model_of_another_shape_is_refused(runs32, probed32):
     config.num_hidden_layers = 2
     model = LlamaForCausalLM(config).eval()
     tokenizer = probed32.tokenizer
-    with pytest.raises(ValueError, match="4 hidden states of width 64, this model has 3") as e:
+    with pytest.raises(ServeError, match="4 hidden states of width 64, this model has 3") as e:
         ProbedModel(model, tokenizer, [runs32("pooling")])
     assert "load the model the run was trained with" in one_line(e)
 
 
 def test_run_folders_and_names(runs32, tmp_path):
-    with pytest.raises(ValueError, match="not a complete probecache run"):
+    with pytest.raises(ServeError, match="not a complete probecache run"):
         load_run(tmp_path)
     run = runs32("pooling")
-    with pytest.raises(ValueError, match="share the name"):
+    with pytest.raises(ServeError, match="share the name"):
         ProbedModel.from_runs([run, run])
     assert run_names([f"tox={run}", str(run)]) == {"tox": run, run.name: run}
-    with pytest.raises(ValueError, match="share a name"):
+    with pytest.raises(ServeError, match="share a name"):
         run_names([str(run), str(run)])
     served = load_run(run, "tox")
     assert (served.name, served.kind, served.layers, served.label_names) == ("tox", "pooling", [0, 1, 2, 3],

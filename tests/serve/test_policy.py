@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+from probecache.serve.errors import ServeError
 from probecache.serve.loading import ServedRun, load_run
 from probecache.serve.policy import DEFAULT_REFUSAL, RefusalRule, merge, parse_rules
 from probecache.serve.probed import ProbedModel
@@ -116,9 +117,9 @@ def test_multiclass_results_and_label_rules(probed):
     assert sum(r["scores"].values()) == pytest.approx(1.0) and r["scores"]["c"] > 0.99
     assert pm.generate(TEXTS[:1], max_new_tokens=3, refuse_on={"emotion": ["b", "c"]})[0]["refused"]
     assert not pm.generate(TEXTS[:1], max_new_tokens=3, refuse_on={"emotion": "a"})[0]["refused"]
-    with pytest.raises(ValueError, match="say which labels refuse"):
+    with pytest.raises(ServeError, match="say which labels refuse"):
         pm.generate(TEXTS[:1], refuse_on="emotion")
-    with pytest.raises(ValueError, match="multiclass"):
+    with pytest.raises(ServeError, match="multiclass"):
         pm.generate(TEXTS[:1], refuse_on={"emotion": 0.5})
 
 
@@ -128,17 +129,17 @@ def test_multiclass_results_and_label_rules(probed):
     ({"pooling": "toxic"}, "has labels"),
 ])
 def test_bad_rules_are_refused_up_front(probed, refuse_on, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ServeError, match=message):
         probed.generate(TEXTS[:1], refuse_on=refuse_on)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"max_new_tokens": 0}, "at least 1"),
-    ({"num_beams": 2}, "one sequence per prompt"),
-    ({"num_return_sequences": 2}, "one sequence per prompt"),
+@pytest.mark.parametrize("kwargs, message, error", [
+    ({"max_new_tokens": 0}, "at least 1", ServeError),  # --max-new-tokens, a request's max_new_tokens
+    ({"num_beams": 2}, "one sequence per prompt", ValueError),  # Python callers' generate kwargs only
+    ({"num_return_sequences": 2}, "one sequence per prompt", ValueError),
 ])
-def test_unsupported_generation_options(probed, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_unsupported_generation_options(probed, kwargs, message, error):
+    with pytest.raises(error, match=message):
         probed.generate(TEXTS[:1], **kwargs)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from probecache.serve.errors import ServeError
 from probecache.serve.probed import ProbedModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -150,7 +151,7 @@ def test_long_prompts_read_only_the_first_max_tokens(probed32, runs32, sentiment
 
 
 def test_empty_and_single_string_inputs_are_refused(probed32):
-    with pytest.raises(ValueError, match="no tokens"):
+    with pytest.raises(ServeError, match="no tokens"):
         probed32.classify(["ok", ""])
     with pytest.raises(TypeError, match="list of texts"):
         probed32.classify("a single string")

@@ -23,6 +23,7 @@ from probecache.train.baselines import (
     select_C,
     select_tfidf_C,
 )
+from probecache.train.errors import TrainError
 from probecache.train.metrics import compute_metrics
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -213,18 +214,18 @@ def test_logistic_round_trip_without_pickle(tmp_path, monkeypatch, n_classes, pe
 
 def test_load_refuses_files_that_are_not_baselines(tmp_path):
     save_file({"w": np.zeros(3, np.float32)}, str(tmp_path / "plain.safetensors"))
-    with pytest.raises(ValueError, match="not a probecache baseline"):
+    with pytest.raises(TrainError, match="not a probecache baseline"):
         LogisticModel.load(tmp_path / "plain.safetensors")
-    with pytest.raises(ValueError, match="not a probecache baseline"):
+    with pytest.raises(TrainError, match="not a probecache baseline"):
         TfidfModel.load(tmp_path / "plain.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x80\x04not a safetensors header at all")
-    with pytest.raises(ValueError, match="not a safetensors file"):
+    with pytest.raises(TrainError, match="not a safetensors file"):
         LogisticModel.load(tmp_path / "junk.safetensors")
     with pytest.raises(FileNotFoundError):
         LogisticModel.load(tmp_path / "missing.safetensors")
     tfidf = fit_tfidf(*toy_texts(40, seed=13), 2)
     tfidf.save(tmp_path / "tfidf.safetensors")
-    with pytest.raises(ValueError, match="'tfidf' baseline, not a 'logistic'"):
+    with pytest.raises(TrainError, match="'tfidf' baseline, not a 'logistic'"):
         LogisticModel.load(tmp_path / "tfidf.safetensors")
 
 
@@ -299,18 +300,18 @@ def test_tfidf_round_trip_without_pickle(tmp_path, monkeypatch):
 
 # --- clear errors ---
 
-@pytest.mark.parametrize("case, message", [
-    ("single_class", "single class"),
-    ("missing_class", r"no example of class\(es\) \[2\]"),
-    ("nan", "NaN or infinite"),
-    ("inf", "NaN or infinite"),
-    ("length", "100 labels but x has 99 rows"),
-    ("out_of_range", r"must lie in \[0, 1\]"),
-    ("float_labels", "integer class indices"),
-    ("penalty", "penalty must be one of"),
-    ("C", "C must be a positive"),
+@pytest.mark.parametrize("case, message, error", [
+    ("single_class", "single class", TrainError),  # the store's data: the user's to fix
+    ("missing_class", r"no example of class\(es\) \[2\]", TrainError),
+    ("nan", "NaN or infinite", ValueError),  # the caller's arrays: a bug if the CLI ever gets here
+    ("inf", "NaN or infinite", ValueError),
+    ("length", "100 labels but x has 99 rows", ValueError),
+    ("out_of_range", r"must lie in \[0, 1\]", ValueError),
+    ("float_labels", "integer class indices", ValueError),
+    ("penalty", "penalty must be one of", ValueError),
+    ("C", "C must be a positive", ValueError),
 ])
-def test_fit_logistic_errors(case, message):
+def test_fit_logistic_errors(case, message, error):
     x, y = linear_task(100, 4, seed=21)
     n_classes, kw = 2, {}
     if case == "single_class":
@@ -329,13 +330,13 @@ def test_fit_logistic_errors(case, message):
         kw = {"penalty": "elasticnet"}
     elif case == "C":
         kw = {"C": 0.0}
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         fit_logistic(x, y, n_classes, **kw)
 
 
 def test_other_entry_points_reject_bad_inputs():
     x, y = linear_task(100, 4, seed=22)
-    with pytest.raises(ValueError, match="single class"):
+    with pytest.raises(TrainError, match="single class"):
         select_C(x, np.ones_like(y), x, y, 2)
     bad = x.copy()
     bad[0, 0] = np.nan
@@ -351,9 +352,9 @@ def test_other_entry_points_reject_bad_inputs():
     with pytest.raises(ValueError, match=r"must be \(N, L'=2, d\)"):
         layer_sweep(x[:, None], y, x[:, None], y, [0, 1], 2)
     texts, ty = toy_texts(30, seed=23)
-    with pytest.raises(ValueError, match="single class"):
+    with pytest.raises(TrainError, match="single class"):
         fit_tfidf(texts, np.zeros_like(ty), 2)
-    with pytest.raises(ValueError, match="no usable terms"):
+    with pytest.raises(TrainError, match="no usable terms"):
         fit_tfidf(["a", "b", "c", "d"], np.array([0, 1, 0, 1]), 2)
     with pytest.raises(ValueError, match="entry 1 is NoneType"):
         fit_tfidf(["good film", None], np.array([0, 1]), 2)

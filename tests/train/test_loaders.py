@@ -13,6 +13,7 @@ import pytest
 import torch
 from probecache.store.layers import LayerSelectionError
 from probecache.store.reader import open_store
+from probecache.train.errors import TrainError
 from probecache.train.loaders import Batch, PooledData, TokenStream, load_pooled
 
 SPLITS = {"train": 20, "validation": 5, "test": 5}
@@ -69,7 +70,7 @@ def test_pooled_rejects_bad_arguments(store):
         load_pooled(store, "train", kind="max")
     with pytest.raises(LayerSelectionError, match="out of range"):  # the store's one layer grammar
         load_pooled(store, "train", layers=[4])
-    with pytest.raises(ValueError, match="no committed examples"):
+    with pytest.raises(TrainError, match="no committed examples"):
         load_pooled(store, "nope")
 
 

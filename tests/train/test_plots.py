@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from probecache.train import plots
+from probecache.train.errors import TrainError
 from probecache.train.metrics import average_precision, compute_metrics, roc_auc
 from probecache.train.plots import plot_layer_curve, plot_layer_weights, plot_pr_roc, write_run_plots
 
@@ -222,8 +223,8 @@ def test_malformed_files_raise_naming_the_file(tmp_path):
     run = make_run(tmp_path, "bad-scores", files=())
     pq.write_table(pa.table({"split": ["test"], "example_id": ["a"], "label": [1], "prob": [0.3]}),
                    run / "scores.parquet")
-    with pytest.raises(ValueError, match=r"scores\.parquet.*'score'"):
+    with pytest.raises(TrainError, match=r"scores\.parquet.*'score'"):
         write_run_plots(run)
     (run / "scores.parquet").write_bytes(b"not parquet at all")
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(TrainError, match="cannot read"):
         write_run_plots(run)

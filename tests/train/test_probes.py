@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from probecache.train.errors import TrainError
 from probecache.train.probes import (
     PROBES,
     ProbeConfig,
@@ -259,7 +260,7 @@ def test_save_refuses_a_config_that_did_not_build_the_probe(tmp_path):
 
 def test_load_refuses_a_plain_safetensors_file(tmp_path):
     save_file({"w": torch.zeros(3)}, str(tmp_path / "plain.safetensors"))
-    with pytest.raises(ValueError, match="not a probecache probe"):
+    with pytest.raises(TrainError, match="not a probecache probe"):
         load_probe(tmp_path / "plain.safetensors")
 
 
@@ -273,8 +274,8 @@ def test_load_refuses_a_plain_safetensors_file(tmp_path):
     (dict(name="scoring", n_layers=2, hidden_size=64, n_classes=1), r"n_classes must be at least 2"),
     (dict(name="scoring", n_layers=0, hidden_size=64), r"n_layers must be a positive integer"),
 ])
-def test_bad_config_raises_value_error(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_config_raises_train_error(kwargs, message):
+    with pytest.raises(TrainError, match=message):
         build_probe(ProbeConfig(**kwargs))
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from probecache.train.errors import TrainError
 from probecache.train.report import SCHEMA, collect_runs, markdown_table, write_report
 
 METRIC_NAMES = ("accuracy", "f1", "macro_f1", "auroc", "auprc")
@@ -203,6 +204,6 @@ def test_write_report_without_runs(tmp_path, setup):
         make_run(runs_dir, "broken", scores=False)
         (runs_dir / "broken" / "config.json").write_text("{not json")
     with pytest.warns(UserWarning) if setup == "only-bad" else nullcontext():
-        with pytest.raises(ValueError, match=r"no runs under .*runs: train one with `probecache train --store STORE "
+        with pytest.raises(TrainError, match=r"no runs under .*runs: train one with `probecache train --store STORE "
                                              r"--probe NAME`"):
             write_report(runs_dir)

@@ -20,6 +20,7 @@ from probecache.store.integrity import file_crc32c
 from probecache.train import plots as plots_module
 from probecache.train import runner as runner_module
 from probecache.train.data import resolve_splits
+from probecache.train.errors import TrainError
 from probecache.train.probes import PROBES, load_probe
 from probecache.train.runner import ALL_PROBES, BASELINES, TrainOptions, evaluate_run, train_run
 from probecache.train.sweep import Grid
@@ -184,19 +185,19 @@ def test_evaluate_run_reproduces_the_test_metrics(full, trained, probe):
 
 def test_evaluate_run_refuses_a_store_of_another_model(trained, other, full):
     for probe in ("scoring", "tfidf"):
-        with pytest.raises(ValueError, match=r"different model.*model_weights.*--model"):
+        with pytest.raises(TrainError, match=r"different model.*model_weights.*--model"):
             evaluate_run(trained(probe), other, "test")
 
 
 def test_evaluate_run_bad_inputs(trained, plain, tmp_path):
-    with pytest.raises(ValueError, match="not a complete probecache run"):
+    with pytest.raises(TrainError, match="not a complete probecache run"):
         evaluate_run(tmp_path, plain, "test")
-    with pytest.raises(ValueError, match=r"no committed 'validation' examples"):
+    with pytest.raises(TrainError, match=r"no committed 'validation' examples"):
         evaluate_run(trained("scoring"), plain, "validation")  # plain carves validation: it has none stored
     # the same model, so compatible, but the inputs a baseline reads are missing from the store
-    with pytest.raises(ValueError, match="--logits"):
+    with pytest.raises(TrainError, match="--logits"):
         evaluate_run(trained("muli"), plain, "test")
-    with pytest.raises(ValueError, match="--store-text"):
+    with pytest.raises(TrainError, match="--store-text"):
         evaluate_run(trained("tfidf"), plain, "test")
     # a run evaluates on another store of the same model (here: the same test examples, extracted again)
     out = evaluate_run(trained("linear"), plain, "test")
@@ -253,15 +254,15 @@ def test_without_a_test_split(full, tmp_path):
 
 @pytest.mark.parametrize("probe,fix", [("muli", "--logits"), ("tfidf", "--store-text")])
 def test_baseline_without_its_inputs_is_a_clear_error_and_leaves_no_run(plain, tmp_path, probe, fix):
-    with pytest.raises(ValueError, match=fix):
+    with pytest.raises(TrainError, match=fix):
         train_run(plain, options(probe, tmp_path))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_train_options_are_checked():
-    with pytest.raises(ValueError, match="unknown probe 'svm'.*" + ", ".join(ALL_PROBES)):
+    with pytest.raises(TrainError, match="unknown probe 'svm'.*" + ", ".join(ALL_PROBES)):
         TrainOptions(probe="svm")
-    with pytest.raises(ValueError, match="--readout"):
+    with pytest.raises(TrainError, match="--readout"):
         TrainOptions(probe="linear", readout="max")
     assert set(ALL_PROBES) == set(PROBES) | set(BASELINES)
 
@@ -300,7 +301,7 @@ def test_a_failed_plot_keeps_the_run(full, tmp_path, monkeypatch):
 
 
 def test_no_run_folder_when_the_splits_are_wrong(plain, tmp_path):
-    with pytest.raises(ValueError, match="--train-split"):
+    with pytest.raises(TrainError, match="--train-split"):
         train_run(plain, options("pooling", tmp_path, train_split="nope"))
     assert not tmp_path.joinpath("runs").exists() and list(tmp_path.iterdir()) == []
 
@@ -361,5 +362,5 @@ def test_multiclass_run_and_eval(three_class, tmp_path, probe):
 
 def test_evaluate_run_refuses_another_prompt_format(trained, tiny_model, folder, sentiment_csv, extract_tiny_store):
     chat = extract_tiny_store(tiny_model, folder / "chat", sentiment_csv, prompt_format="chat")
-    with pytest.raises(ValueError, match="--prompt-format raw"):
+    with pytest.raises(TrainError, match="--prompt-format raw"):
         evaluate_run(trained("scoring"), chat, "test")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from probecache.train import sweep as sweep_module
 from probecache.train.data import PooledBatches, SplitSpec, resolve_splits, split_examples
+from probecache.train.errors import TrainError
 from probecache.train.probes import ProbeConfig
 from probecache.train.sweep import Grid, auto_heads, expand_grid, run_sweep, summarize
 from probecache.train.trainer import TrainConfig, Variant, evaluate, predict
@@ -72,11 +73,11 @@ def test_expand_grid_deduplicates_in_order():
 
 
 def test_expand_grid_rejects_impossible_configurations():
-    with pytest.raises(ValueError, match="downcast 7"):
+    with pytest.raises(TrainError, match="downcast 7"):
         expand_grid(Grid("mha", downcasts=(7,)), 4, 64, 2)
-    with pytest.raises(ValueError, match="--lr"):
+    with pytest.raises(TrainError, match="--lr"):
         expand_grid(Grid("scoring", lrs=(0.0,)), 4, 64, 2)
-    with pytest.raises(ValueError, match="--class-weight"):
+    with pytest.raises(TrainError, match="--class-weight"):
         expand_grid(Grid("pooling", class_weights=("inverse",)), 4, 64, 2)
 
 

@@ -25,6 +25,7 @@ from probecache.train.data import (
     resolve_splits,
     split_examples,
 )
+from probecache.train.errors import TrainError
 from probecache.train.loaders import Batch
 from probecache.train.probes import ProbeConfig, build_probe
 from probecache.train.trainer import TrainConfig, Variant, evaluate, fit_shared, predict
@@ -117,7 +118,7 @@ def assert_same_state(a, b, exact: bool = True) -> None:
     ("class_weight", "inverse", "--class-weight"),
 ])
 def test_train_config_rejects_bad_values_naming_the_option(field, value, option):
-    with pytest.raises(ValueError, match=re.escape(option)):
+    with pytest.raises(TrainError, match=re.escape(option)):
         TrainConfig(**{field: value})
 
 
@@ -341,7 +342,7 @@ def test_validation_is_carved_from_train_stratified_disjoint_deterministic(carve
         for spec in (splits.validation, splits.train):
             seen = [i for b in cls(carve_store, spec, None, 8, shuffle=True).epoch(0) for i in b.example_ids]
             assert sorted(seen) == sorted(spec.ids)
-    with pytest.raises(ValueError, match="--validation-fraction"):
+    with pytest.raises(TrainError, match="--validation-fraction"):
         resolve_splits(carve_store, validation_fraction=1.0)
 
 
@@ -358,7 +359,7 @@ def test_carve_does_not_depend_on_manifest_order():
 
 def test_store_without_train_split_is_a_clear_error(extract_fp32):
     only_test = extract_fp32("trainer-test-only", splits=("test",))
-    with pytest.raises(ValueError, match=r"no committed 'train' examples.*test \(10\).*--train-split"):
+    with pytest.raises(TrainError, match=r"no committed 'train' examples.*test \(10\).*--train-split"):
         resolve_splits(only_test)
 
 
