@@ -20,8 +20,9 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
+from zarr.abc.buffer import Buffer, BufferPrototype  # public since zarr 3.1 (zarr.core is private)
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
+from zarr.buffer import default_buffer_prototype
 from zarr.storage import LocalStore
 
 from .errors import StoreError

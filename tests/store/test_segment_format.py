@@ -121,3 +121,23 @@ def test_writer_refuses_token_ids_that_do_not_match_the_states(tmp_path):
         writer.append(hidden, np.zeros((2, 8), np.float32), token_ids=[1, 2])
     with pytest.raises(ValueError, match="0..2"):
         writer.append(hidden, np.zeros((2, 8), np.float32), token_ids=[1, 2, 2**31])
+
+
+def test_no_private_zarr_imports_in_probecache():
+    """zarr.core is private (not covered by zarr's versioning): the package uses only public zarr API, so any zarr
+    3.x that pyproject admits works. bench/segment_write.py imports it on purpose, to measure the old writer."""
+    import ast
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    # the installed packages' folders, from pyproject's package-dir ("probecache.store" = "store", ...)
+    folders = re.findall(r'"probecache[.\w]*" = "(\w+)"', (repo / "pyproject.toml").read_text())
+    private = []
+    for folder in folders:
+        for source in sorted((repo / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(source.read_text(), str(source))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                private += [f"{source.relative_to(repo)}: {n}" for n in names if n.startswith("zarr.core")]
+    assert folders and not private, private
