@@ -211,6 +211,7 @@ def test_store_id_changes_with_identity_fields_only(extract_config, tiny_model_o
     assert extract(extract_config(root=str(tmp_path / "elsewhere"))).store_id == base
     different = {
         "dtype": "bf16", "max_tokens": 12, "prompt_format": "chat", "logits": True, "store_text": True,
+        "store_token_ids": True,
         "shard_size": 5, "limit": 20, "model": str(tiny_model_other_weights),
         "splits": ("train",),
     }
