@@ -16,7 +16,6 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from probecache.manifests.schema import PART_NAME
 
@@ -94,7 +93,3 @@ def segment_objects(root: Root) -> dict[str, dict[str, ObjectInfo]]:
             out.setdefault(segment, {})[rel] = meta
     return out
 
-
-def store_path(root: Root) -> str | Path:
-    """What reports print for a store: its folder for a local root, else its URL."""
-    return getattr(root, "path", None) or root.url

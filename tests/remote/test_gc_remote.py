@@ -64,7 +64,8 @@ def test_a_remote_lease_from_another_machine_expires_after_its_ttl(pushed, tiny_
         "host": "elsewhere", "pid": 1, "boot_id": "another-machine", "pid_ns": "pid:[1]", "start": "1"}}).encode())
     assert gc_store(pushed, 0).removed == []
     report = gc_store(pushed, 0, now=time.time() + LEASE_TTL_SECONDS + 60)
-    assert [r.path for r in report.removed] == [f"segments/{ORPHAN}"]
+    assert [(r.kind, r.path) for r in report.removed] == [("segment", f"segments/{ORPHAN}"),
+                                                          ("lease", lease_key(ORPHAN))]  # as on a local disk
     assert not root.list(f"segments/{ORPHAN}") and root.get(lease_key(ORPHAN)) is None
 
 
@@ -142,7 +143,7 @@ def test_rerunning_extract_repairs_a_remote_part_whose_segment_is_gone(pushed, t
     result = extract(config)
     assert not result.cache_hit and result.shards_run == 1 and result.store_url == pushed
     assert "moved the commit record aside" in capfd.readouterr().err
-    _, listed = root.list_dir("manifests")
+    _, listed = root.list_dir("manifests", hidden=True)
     assert [n[:len(".probecache-broken-part-00003-")] for n in listed if n.startswith(".")] == [
         ".probecache-broken-part-00003-"]
     report = verify_store(pushed)
