@@ -1,8 +1,9 @@
 """``run_shard``: all the work of one shard, idempotent. Launchers differ only in how they call it.
 
 skip if committed -> lease on the attempt (store/lease.py: gc keeps away) -> fresh attempt segment ->
-forward batches (writes go to the background writer) -> close segment -> check that every file written is
-still there with its size -> manifest part create-if-absent (the commit) -> drop the lease. A killed attempt,
+forward batches (writes go to the background writer) -> close segment -> the commit (store/shard_commit.py:
+stats, check that every file written is still there with its size, manifest part create-if-absent) -> drop the
+lease. A killed attempt,
 or one that loses a commit race, leaves an orphan segment that readers never see. An attempt whose segment was
 deleted or damaged underneath it (a gc that ignored the lease, a person) commits nothing: the shard is
 recorded in ``job.lost`` and `run_shards` extracts it again in a fresh attempt.
@@ -19,11 +20,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from probecache.manifests.schema import part_bytes
 from probecache.store.codecs import bf16_bits_to_float32, round_mantissa, to_storage
-from probecache.store.commit import create_if_absent
 from probecache.store.faults import crash_point
 from probecache.store.layout import StoreLayout, new_attempt_id
 from probecache.store.lease import LeaseKeeper
+from probecache.store.remote import LocalRoot
 from probecache.store.segment import SegmentShape, SegmentWriter
+from probecache.store.shard_commit import commit_shard
 
 from .capture import CapturedBatch, capture
 from .config import ExtractConfig
@@ -123,7 +125,7 @@ class _ShardState:
                 n_layers=job.n_layers, hidden_size=job.hidden_size,
                 n_tokens=sum(p.n_tokens for p in self.examples), n_examples=len(self.examples),
                 logical_dtype=job.logical_dtype, vocab_size=job.vocab_size if job.config.logits else None,
-                token_ids=job.config.store_token_ids,
+                token_ids=job.config.store_token_ids, tier=job.config.value_tier().name,
             ), pool=job.encode_pool, store_id=job.store_id, shard_id=self.shard_id)
         layers = [to_storage(h) for h in captured.hidden]  # L+1 views (B, T, d)
         mean = captured.mean.numpy()  # (B, L+1, d)
@@ -133,8 +135,8 @@ class _ShardState:
         for b, planned in enumerate(batch):
             states = [h[b, : captured.lengths[b]] for h in layers]  # L+1 x (n, d), padding stripped
             example_mean = mean[b]
-            if job.config.mantissa_bits is not None:
-                states = [round_mantissa(h, job.config.mantissa_bits) for h in states]
+            if (bits := job.config.value_tier().mantissa_bits) is not None:
+                states = [round_mantissa(h, bits) for h in states]
                 example_mean = np.stack([bf16_bits_to_float32(h).mean(axis=0) for h in states])
             row, offset = self.writer.append(states, example_mean, None if logits is None else logits[b],
                                              planned.token_ids if job.config.store_token_ids else None)
@@ -183,22 +185,16 @@ class _ShardState:
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "files": self.writer.files,  # what `verify` checks the segment against
         }
-        job.layout.stats.mkdir(parents=True, exist_ok=True)
+        rows = sorted(self.rows, key=lambda r: r["row"])
         summary = {k: v for k, v in stats.items() if k != "files"}
-        (job.layout.stats / f"{self.segment}.json").write_text(json.dumps(summary, indent=1))
-        crash_point("stats-written")
-        # the check that makes the commit safe: every file written is still there with its size. The heartbeat
-        # first, so that a gc which renamed the segment away just now sees the lease fresh and puts it back
-        # (store/gc.py); one stat per file, no bytes read (verify checks crc32c)
-        if job.leases is not None:
-            job.leases.refresh(self.segment)
-        self.lost = self.writer.damage()
-        if self.lost is not None:
-            (job.layout.stats / f"{self.segment}.json").unlink(missing_ok=True)
+        outcome = commit_shard(LocalRoot(job.layout.path), self.shard_id, self.segment, self.writer.files,
+                               part_bytes(rows, stats, job.config.store_text), json.dumps(summary, indent=1).encode(),
+                               job.leases)
+        if outcome.damage is not None:
+            self.lost = outcome.damage
             self._give_up()
             return
-        rows = sorted(self.rows, key=lambda r: r["row"])
-        committed = create_if_absent(job.layout.part(self.shard_id), part_bytes(rows, stats, job.config.store_text))
+        committed = outcome.committed
         if job.leases is not None:
             job.leases.release(self.segment)  # committed, or an orphan of a lost race: gc's age gate decides
         if committed:

@@ -127,6 +127,11 @@ def select_rows(table: pa.Table, columns: list[str] | None = None, filter=None) 
 PART_NAME = re.compile(r"^part-(\d{5,})\.parquet$")
 
 
+def part_file_name(shard_id: int) -> str:
+    """The commit record's name of a shard: what PART_NAME matches."""
+    return f"part-{shard_id:05d}.parquet"
+
+
 def committed_part_files(manifest_dir: Path) -> list[Path]:
     """The commit records: exactly the names the writer produces (a stray `part-1-copy.parquet` is not one)."""
     if not Path(manifest_dir).is_dir():

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from probecache.manifests.schema import PART_NAME, committed_part_files
+from probecache.manifests.schema import PART_NAME, committed_part_files, part_file_name
 
 FORMAT_VERSION = 1
 STORE_JSON = "store.json"
@@ -87,7 +87,7 @@ class StoreLayout:
         return self.segments / name
 
     def part(self, shard_id: int) -> Path:
-        return self.manifests / f"part-{shard_id:05d}.parquet"
+        return self.manifests / part_file_name(shard_id)
 
     def committed_shards(self) -> set[int]:
         return {int(PART_NAME.match(p.name).group(1)) for p in committed_part_files(self.manifests)}

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from probecache.manifests.schema import ManifestError, read_part
+from probecache.manifests.schema import ManifestError, part_file_name, read_part
 
 from .errors import StoreError
 from .header import parse_header
@@ -38,6 +38,7 @@ from .integrity import crc32c_hex, plan_digest
 from .lease import LeaseKeeper
 from .remote import LocalRoot, Root, check_store_name, clean_key, open_root
 from .scan import committed_parts, parse_segment
+from .shard_commit import commit_shard
 
 TRANSFER_THREADS = 4  # files in flight per shard: enough to fill a link, bounded memory (whole files)
 COPY_ROUNDS = 3  # sends of one shard's missing files before the copy gives up (files deleted under it)
@@ -71,10 +72,6 @@ class ShardRecord:
     shard_id: int
     segment: str
     files: dict[str, tuple[int, str]]
-
-
-def part_name(shard_id: int) -> str:
-    return f"part-{shard_id:05d}.parquet"
 
 
 def read_stats(part: bytes) -> dict:
@@ -165,7 +162,7 @@ def copy_shard(src: Root, dst: Root, shard_id: int, report: TransferReport, part
     Returns True when this call committed the part at ``dst`` (False: it was committed by someone else
     first, and what we uploaded is an orphan segment for `gc`). ``leases`` holds the destination's leases
     (one keeper, one heartbeat thread, for a whole copy); without it this call makes its own."""
-    name = part_name(shard_id)
+    name = part_file_name(shard_id)
     part = part if part is not None else src.get(f"manifests/{name}")
     if part is None:
         raise StoreError(f"{src.url}/manifests/{name}: shard {shard_id} is not committed at the source")
@@ -192,6 +189,7 @@ def copy_shard(src: Root, dst: Root, shard_id: int, report: TransferReport, part
             dst.put(where, data)
             return True, size
 
+        stats = src.get(f"stats/{record.segment}.json")  # informational (`store status`); never trusted
         items = sorted(record.files.items())
         for _ in range(COPY_ROUNDS):
             results = pool.map(one, items) if pool is not None else map(one, items)
@@ -201,25 +199,21 @@ def copy_shard(src: Root, dst: Root, shard_id: int, report: TransferReport, part
                     report.bytes_copied += size
                 else:
                     report.files_present += 1
-            # the check before the commit: every recorded file at the destination with its size. A file removed
+            # the commit checks every recorded file is at the destination with its size first. A file removed
             # meanwhile (a gc that ignored or outlived our lease, a person) is sent again, never committed missing
-            keeper.refresh(record.segment)
+            outcome = commit_shard(dst, shard_id, record.segment, record.files, part, stats, keeper)
+            if outcome.damage is None:
+                break
             present = dst.list(seg)
             items = [(rel, entry) for rel, entry in sorted(record.files.items())
                      if rel not in present or present[rel].size != entry[0]]
-            if not items:
-                break
             verify_existing = False  # what is present now was just checked against the record
         else:
             raise StoreError(f"{dst.url}/{seg}: {len(items)} files vanished again after being copied "
-                             f"{COPY_ROUNDS} times ({items[0][0]}, ...): stop whatever deletes objects under "
-                             f"{dst.url}/segments (a `probecache store gc` older than leases, a lifecycle rule) "
-                             "and rerun")
-        stats_key = f"stats/{record.segment}.json"
-        stats = src.get(stats_key)  # informational (`store status`); never trusted for correctness
-        if stats is not None:
-            dst.put(stats_key, stats)
-        committed = dst.put_if_absent(f"manifests/{name}", part)
+                             f"{COPY_ROUNDS} times ({items[0][0] if items else '?'}, ...): stop whatever deletes "
+                             f"objects under {dst.url}/segments (a `probecache store gc` older than leases, a "
+                             "lifecycle rule) and rerun")
+        committed = outcome.committed
     finally:
         keeper.release(record.segment)
         if leases is None:
