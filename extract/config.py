@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from probecache.lm import DEFAULT_MODEL, PROMPT_FORMATS, TRUNCATION_SIDES  # plain constants: no torch import
+
+if TYPE_CHECKING:  # store.tiers imports numpy: the CLI imports this module for its defaults and must stay light
+    from probecache.store.tiers import Tier
 
 from .datasets import DEFAULT_DATASET
 
@@ -42,7 +46,9 @@ class ExtractConfig:
     # opt in: each kept token's id beside its hidden states (per-token analysis outside probecache); opt-in for
     # the same reason as store_text: ids decode back to the text with the tokenizer
     store_token_ids: bool = False
-    mantissa_bits: int | None = None  # lossy: round bf16 mantissas to this many bits (None = lossless)
+    # how hidden values are stored (store/tiers.py): lossless | mantissa-K | fp8-e4m3 | fp8-e5m2 | int8
+    tier: str = "lossless"
+    mantissa_bits: int | None = None  # alias of tier="mantissa-K" (the option that came first)
     # where and how fast (not part of the store's identity, except shard_size which shapes the layout)
     root: str = DEFAULT_ROOT
     shard_size: int = 512  # examples per shard: the unit of work and of commit
@@ -70,5 +76,23 @@ class ExtractConfig:
             raise ExtractError("--limit must be a positive integer")
         if self.mantissa_bits is not None and not 0 <= self.mantissa_bits <= 6:
             raise ExtractError("--mantissa-bits must be in 0..6 (omit it for lossless storage)")
+        self.value_tier()
         if self.validation_fraction is not None and not 0.0 < self.validation_fraction < 0.5:
             raise ExtractError("--validation-fraction must be in (0, 0.5)")
+
+    def value_tier(self) -> Tier:
+        """The tier to store values in: ``tier``, or mantissa-K from ``--mantissa-bits K`` (its alias)."""
+        from probecache.store.tiers import parse_tier
+
+        from .errors import ExtractError
+
+        try:
+            tier = parse_tier(self.tier)
+        except ValueError as e:
+            raise ExtractError(f"--tier: {e}") from None
+        if self.mantissa_bits is None:
+            return tier
+        if tier.name not in ("lossless", f"mantissa-{self.mantissa_bits}"):
+            raise ExtractError(f"--mantissa-bits {self.mantissa_bits} is --tier mantissa-{self.mantissa_bits}: "
+                               f"drop one of it and --tier {tier.name}")
+        return parse_tier(f"mantissa-{self.mantissa_bits}")

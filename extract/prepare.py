@@ -84,8 +84,8 @@ def prepare(config: ExtractConfig) -> PreparedStore:
     source = resolve_model(config.model)
     device = resolve_device(config.device)
     dtype_name = logical_dtype_name(resolve_dtype(config.dtype, device))
-    if config.mantissa_bits is not None and dtype_name != "bfloat16":
-        raise ExtractError("--mantissa-bits rounds bf16 values: use it with --dtype bf16 (or auto)")
+    if config.value_tier().kind == "mantissa" and dtype_name != "bfloat16":
+        raise ExtractError("--tier mantissa-K (--mantissa-bits) rounds bf16 values: use it with --dtype bf16 (or auto)")
     from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
@@ -112,7 +112,8 @@ def freeze_plan(prep: PreparedStore, write: bool = True) -> None:
 
 def identity_of(config: ExtractConfig, source: ModelSource, tokenizer, dataset: Dataset, dtype_name: str) -> dict:
     """Every field that changes stored bytes, and nothing else (hardware and versions are provenance)."""
-    return {
+    tier = config.value_tier()
+    identity = {
         "model_weights": source.weights_id,
         "dtype": dtype_name,
         **tokenizer_identity(source, tokenizer),
@@ -122,7 +123,7 @@ def identity_of(config: ExtractConfig, source: ModelSource, tokenizer, dataset: 
         "padding_side": "right",
         "layers": "all",
         "capture": _capture(config),
-        "mantissa_bits": config.mantissa_bits,
+        "mantissa_bits": tier.mantissa_bits,  # mantissa-K keeps the key it always had: same store ids
         "dataset_fingerprint": dataset.fingerprint(),
         "limit": config.limit,
         "limit_seed": config.seed if config.limit else None,
@@ -131,6 +132,9 @@ def identity_of(config: ExtractConfig, source: ModelSource, tokenizer, dataset: 
         "limit_sampling": "per-split-label-salted" if config.limit else None,
         "shard_size": config.shard_size,
     }
+    if tier.quantized:  # only then: lossless and mantissa stores keep the ids they had before tiers existed
+        identity["tier"] = tier.name
+    return identity
 
 
 def _capture(config: ExtractConfig) -> dict:
@@ -168,6 +172,7 @@ def _write_store_header(prep: PreparedStore, table: pa.Table, digest: str) -> No
         "identity": prep.identity,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "logical_dtype": prep.dtype_name,
+        "tier": config.value_tier().name,  # how hidden is stored (store/tiers.py); absent in older stores
         "capture": _capture(config),
         "model": {
             "name": source.name, "kind": source.kind, "weights_id": source.weights_id,

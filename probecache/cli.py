@@ -155,11 +155,21 @@ def extract(
             "back to the text with the tokenizer, so off by default). Changes the store id.",
         ),
     ] = ExtractConfig.store_token_ids,
+    tier: Annotated[
+        str,
+        typer.Option(
+            rich_help_panel="Store",
+            help="How hidden states are stored: lossless (default), mantissa-K (K = 0..6 bf16 mantissa bits), "
+            "fp8-e4m3, fp8-e5m2 or int8 (8-bit codes + scales). Lossy tiers trade bytes for error: see "
+            "docs/BENCHMARKS.md 'Storage tiers'. Changes the store id.",
+        ),
+    ] = ExtractConfig.tier,
     mantissa_bits: Annotated[
         int | None,
         typer.Option(
             rich_help_panel="Store",
-            help="Lossy: round bf16 mantissas to K bits (4: ~2x smaller, ~1% error). Default lossless.",
+            help="Same as --tier mantissa-K: round bf16 mantissas to K bits (4: ~1.4x smaller than lossless, "
+            "~1% error).",
         ),
     ] = ExtractConfig.mantissa_bits,
     shard_size: Annotated[
@@ -269,6 +279,7 @@ def extract(
         logits=logits,
         store_text=store_text,
         store_token_ids=store_token_ids,
+        tier=tier,
         mantissa_bits=mantissa_bits,
         shard_size=shard_size,
         batch_tokens=batch_tokens,

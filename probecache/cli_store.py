@@ -56,7 +56,8 @@ def store_info(
         ("dataset", f"{summary['dataset']}  splits {summary['splits']}  labels {summary['label_names']}"),
         ("examples", f"{summary['n_examples']:,} of {summary['n_examples_planned']:,} planned"),
         ("tokens", f"{summary['n_tokens']:,}"),
-        ("layers x d", f"{summary['n_layers']} x {summary['hidden_size']} ({summary['logical_dtype']})"),
+        ("layers x d", f"{summary['n_layers']} x {summary['hidden_size']} ({summary['logical_dtype']}, "
+                       f"{summary.get('tier', 'lossless')} values)"),
         ("stored", f"{summary['bytes_stored'] / 1e6:,.1f} MB (raw {summary['bytes_raw'] / 1e6:,.1f} MB, {ratio:.2f}x)"),
         (
             "shards",

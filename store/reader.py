@@ -38,6 +38,7 @@ from .layers import Layers, layer_runs, select_layers
 from .layout import StoreLayout
 from .mirror import Mirror
 from .remote import Location, check_store_name, clean_key, open_root, parse_root
+from .tiers import SCALE_ARRAY, Tier, dequantize, scale_rows, store_tier
 from .verified import CheckedFiles, FileRecord, VerifiedSegmentStore
 
 
@@ -84,6 +85,11 @@ class Store:
     @property
     def logical_dtype(self) -> str:
         return self.info["logical_dtype"]
+
+    @cached_property
+    def tier(self) -> Tier:
+        """How ``hidden`` is stored (store/tiers.py): lossless, mantissa-K, fp8-e4m3, fp8-e5m2 or int8."""
+        return store_tier(self.info)
 
     @property
     def label_names(self) -> list[str]:
@@ -190,7 +196,8 @@ class Store:
         """store.json's dtype, layer count and width must describe the segment's hidden array: a reader that
         trusted an edited header would reinterpret bf16 bits or drop layers without a word."""
         hidden = group["hidden"]
-        want = (storage_dtype(self.logical_dtype), self.logical_dtype, self.n_layers, self.hidden_size)
+        want = (self.tier.storage or storage_dtype(self.logical_dtype), self.logical_dtype, self.n_layers,
+                self.hidden_size)
         got = (hidden.dtype, hidden.attrs.get("logical_dtype"), hidden.shape[0], hidden.shape[2])
         if np.dtype(want[0]) != np.dtype(got[0]) or want[1:] != got[1:]:
             raise StoreError(f"{self.path}: store.json says {want[1]} values, {want[2]} layers of width {want[3]}, "
@@ -222,9 +229,15 @@ class Store:
         """Tokens [start, stop) of a committed segment's ``hidden`` array (the manifest's ``token_offset`` and
         ``n_tokens`` locate an example there; ``stop=None``: to the end): (L', stop - start, d). One contiguous
         read per run of consecutive layers. ``decode=False`` returns the stored numpy values (bf16 as uint16
-        bits; decode later with ``store.codecs.from_storage``), e.g. to hold them compactly in a buffer."""
+        bits; decode later with ``store.codecs.from_storage``), e.g. to hold them compactly in a buffer; for an
+        fp8/int8 tier those are the values its codes decode to, in that same form."""
         array = self.segment_array(segment, "hidden")
         block = self._read_runs(lambda sl: array[sl, start:stop], layers, axis=0)
+        if self.tier.quantized:  # 8-bit codes -> the logical dtype's stored form, so decode=False callers see no tier
+            scale = self.segment_array(segment, SCALE_ARRAY)
+            rows = scale_rows(self.tier, start, start + block.shape[1])
+            block = dequantize(block, self._read_runs(lambda sl: scale[sl, rows], layers, axis=0), start,
+                               self.logical_dtype, self.tier)
         return from_storage(block, self.logical_dtype) if decode else block
 
     def read_pooled(self, segment: str, kind: str = "mean", layers: Layers = None,
@@ -321,6 +334,7 @@ class Store:
             "n_layers": self.n_layers,
             "hidden_size": self.hidden_size,
             "logical_dtype": self.logical_dtype,
+            "tier": self.tier.name,
             "bytes_stored": sum(s.get("bytes_stored", 0) for s in stats),
             "bytes_raw": sum(s.get("bytes_raw", 0) for s in stats),
             "shards_total": info["plan"]["n_shards"],

@@ -6,6 +6,7 @@ Arrays (T_seg = total real tokens of the shard's examples, N_seg = its examples,
     last    (N_seg, L+1, d)  the last token's state (same dtype as hidden)
     logits  (N_seg, V)       optional next-token logits at the last prompt position
     token_ids (T_seg,)       optional int32 token ids, aligned with hidden's token axis (--store-token-ids)
+    hidden_scale             fp8/int8 tiers only: the scales that decode ``hidden``'s 8-bit codes (store/tiers.py)
 
 Every array names its dimensions (zarr v3 ``dimension_names``: xarray and other tools need them) and the group's
 attributes say what the values mean (``SEGMENT_FORMAT``), so a segment can be read without probecache.
@@ -36,6 +37,7 @@ from .faults import crash_point
 from .integrity import crc32c_hex, segment_files
 from .layout import FORMAT_VERSION
 from .shard_encoding import encode_shard
+from .tiers import BLOCK_TOKENS, SCALE_ARRAY, Tier, parse_tier, quantize
 
 TOKENS_PER_ZARR_SHARD = 1024
 TOKENS_PER_CHUNK = 256
@@ -49,6 +51,7 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
     "logits": ("example", "vocab"),
     "token_ids": ("token",),
 }
+SCALE_DIMENSIONS = {"fp8": ("layer", "token_block", "channel"), "int8": ("layer", "token")}
 # The same key encoding zarr uses by default for v3, declared so that the shard keys the writer computes
 # (chunk_key) are the spec's, whatever a future zarr's default is
 CHUNK_KEY_ENCODING = {"name": "default", "separator": "/"}
@@ -79,10 +82,21 @@ class SegmentShape:
     logical_dtype: str  # "bfloat16" | "float16" | "float32"
     vocab_size: int | None = None  # set when logits are captured
     token_ids: bool = False  # also store each kept token's id (--store-token-ids)
+    tier: str = "lossless"  # how hidden's values are stored (store/tiers.py); mantissa rounding is the caller's
 
     @property
     def itemsize(self) -> int:
+        """Bytes per value at the model's dtype: raw sizes are counted there, so a tier's gain shows in the ratio."""
         return np.dtype(storage_dtype(self.logical_dtype)).itemsize
+
+    @property
+    def value_tier(self) -> Tier:
+        return parse_tier(self.tier)
+
+    @property
+    def hidden_dtype(self) -> type[np.generic]:
+        """What ``hidden`` holds on disk: 8-bit codes for fp8/int8 tiers, else the logical dtype's storage."""
+        return self.value_tier.storage or storage_dtype(self.logical_dtype)
 
     @property
     def hidden_bytes_per_token(self) -> int:
@@ -107,7 +121,8 @@ def segment_attributes(shape: SegmentShape, store_id: str | None = None, shard_i
         "n_examples": shape.n_examples,
         "layers": LAYER_MEANING,
         "logical_dtype": shape.logical_dtype,
-        "decoding": DECODING[shape.logical_dtype],
+        "decoding": shape.value_tier.decoding or DECODING[shape.logical_dtype],
+        "tier": shape.tier if shape.tier != "lossless" else None,  # absent on lossless segments, as before tiers
         "rows": "examples are concatenated on hidden's token axis; the store's manifests/part-NNNNN.parquet gives "
                 "each example's token_offset, n_tokens and row (its index in mean, last, logits)",
     }
@@ -124,24 +139,34 @@ class SegmentWriter:
         self.shape = shape
         s = shape
         dtype = storage_dtype(s.logical_dtype)
+        self._tier = s.value_tier
+        hidden_dtype = s.hidden_dtype
         # zarr_format explicit: a user's zarr config may default to v2, which has no dimension_names or sharding
         group = zarr.open_group(str(self.path), mode="w-", zarr_format=3,
                                 attributes=segment_attributes(s, store_id, shard_id))
         self._tokens = max(s.n_tokens, 1)  # the token axis' length (zarr arrays cannot be empty here)
         group.create_array(
-            "hidden", shape=(s.n_layers, self._tokens, s.hidden_size), dtype=dtype,
+            "hidden", shape=(s.n_layers, self._tokens, s.hidden_size), dtype=hidden_dtype,
             chunks=(1, TOKENS_PER_CHUNK, s.hidden_size),
             shards=(s.n_layers, TOKENS_PER_ZARR_SHARD, s.hidden_size),
             compressors=activation_codec(), fill_value=0, chunk_key_encoding=CHUNK_KEY_ENCODING,
             dimension_names=DIMENSIONS["hidden"],
-            attributes={"logical_dtype": s.logical_dtype, "n_tokens": s.n_tokens},
+            attributes={"logical_dtype": s.logical_dtype, "n_tokens": s.n_tokens,
+                        **({"tier": s.tier, "decoding": self._tier.decoding} if self._tier.quantized else {})},
             # zarr otherwise compares every chunk with the fill value before writing it: a full extra pass
             # over the data, and activations are never all zero
             config={"write_empty_chunks": True},
         )
         self._group = group
         crash_point("segment-created")
-        self._codec = activation_blosc(np.dtype(dtype).itemsize)
+        self._codec = activation_blosc(np.dtype(hidden_dtype).itemsize)
+        # the buffer holds values in the logical dtype; a quantized tier encodes each full block at flush
+        if self._tier.kind == "fp8":  # (L+1, n_blocks, d): one row per zarr shard
+            self._scale = np.ones((s.n_layers, -(-self._tokens // BLOCK_TOKENS), s.hidden_size), dtype=np.float32)
+        elif self._tier.kind == "int8":  # (L+1, T_seg): one per token
+            self._scale = np.ones((s.n_layers, self._tokens), dtype=np.float32)
+        else:
+            self._scale = None
         self._buffer = np.empty((s.n_layers, TOKENS_PER_ZARR_SHARD, s.hidden_size), dtype=dtype)
         self._buffered = 0  # tokens in the buffer
         self._flushed = 0  # tokens already written to zarr
@@ -200,7 +225,14 @@ class SegmentWriter:
     def _flush(self) -> None:
         """Encode and store the buffered tokens as one whole zarr shard (the last one ends the array)."""
         shard = self._flushed // TOKENS_PER_ZARR_SHARD
-        data = encode_shard(self._buffer[:, : self._buffered], TOKENS_PER_CHUNK, TOKENS_PER_ZARR_SHARD,
+        block = self._buffer[:, : self._buffered]  # (L+1, n, d) in the logical dtype's storage
+        if self._scale is not None:
+            block, scale = quantize(block, self.shape.logical_dtype, self._tier)  # (L+1, n, d) codes
+            if self._tier.kind == "fp8":
+                self._scale[:, shard] = scale  # (L+1, d)
+            else:
+                self._scale[:, self._flushed : self._flushed + self._buffered] = scale  # (L+1, n)
+        data = encode_shard(block, TOKENS_PER_CHUNK, TOKENS_PER_ZARR_SHARD,
                             self._codec, fill_value=0, pool=self._pool)
         key = chunk_key("hidden", (0, shard, 0))
         path = self.path / key
@@ -227,13 +259,18 @@ class SegmentWriter:
             whole["logits"] = self._logits
         if self._token_ids is not None:
             whole["token_ids"] = self._token_ids
+        if self._scale is not None:
+            whole[SCALE_ARRAY] = self._scale
         for name, data in whole.items():
             rows = TOKEN_IDS_PER_CHUNK if name == "token_ids" else 64
             chunks = (min(rows, max(len(data), 1)), *data.shape[1:])
-            logical = {"mean": "float32", "token_ids": "int32"}.get(name, s.logical_dtype)
+            if name == SCALE_ARRAY and self._tier.kind == "int8":  # (L+1, T): chunked on tokens, read per range
+                chunks = (data.shape[0], min(TOKEN_IDS_PER_CHUNK, data.shape[1]))
+            logical = {"mean": "float32", "token_ids": "int32", SCALE_ARRAY: "float32"}.get(name, s.logical_dtype)
+            dims = SCALE_DIMENSIONS[self._tier.kind] if name == SCALE_ARRAY else DIMENSIONS[name]
             self._group.create_array(
                 name, data=data, chunks=chunks, compressors=activation_codec(), attributes={"logical_dtype": logical},
-                chunk_key_encoding=CHUNK_KEY_ENCODING, dimension_names=DIMENSIONS[name],
+                chunk_key_encoding=CHUNK_KEY_ENCODING, dimension_names=dims,
                 # every chunk is written, all-zero ones too: the set of files is then known in advance, and a
                 # chunk missing at commit time is damage, never "zarr skipped it"
                 config={"write_empty_chunks": True},

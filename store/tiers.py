@@ -1,0 +1,154 @@
+"""Value tiers: how ``hidden``'s values are stored, chosen at extraction and recorded in the store identity.
+
+    lossless     the model's own values, bit for bit (bf16 as uint16 bits)                 the default
+    mantissa-K   bf16 with the mantissa rounded to K of its 7 bits (K = 0..6), nearest-even; still bf16 bits
+    fp8-e4m3     uint8 holding float8_e4m3fn bits, times a float32 scale per (layer, 1024-token block, channel)
+    fp8-e5m2     the same with float8_e5m2 (2 mantissa bits, wider range)
+    int8         int8 codes times a float32 absmax scale per (layer, token)
+
+Scales are absmax / format max, computed by the writer from the 1024 tokens of each zarr shard it encodes (a
+block: the writer holds nothing larger) and stored beside the codes as the segment array ``hidden_scale``:
+
+    fp8   hidden_scale (L+1, n_blocks, d)   value[l, t, c] = fp8(hidden[l, t, c]) * hidden_scale[l, t // 1024, c]
+    int8  hidden_scale (L+1, T)             value[l, t, c] = hidden[l, t, c] * hidden_scale[l, t]
+
+Why these scale axes (measured on SmolLM2-135M, docs/BENCHMARKS.md "Storage tiers"): SmolLM2 has a channel at
+~2.7e4 on a sentence's first token in layers 5-25. A per-channel scale is harmless for fp8 (its exponent still
+resolves that channel's ordinary values at ~1e-2 of the scale), but wrecks int8 (a 211-wide step zeroes the
+channel everywhere else). int8's per-token absmax keeps each token's direction (mean per-token relative
+error ~3%) but rounds small channels coarsely. Pooled arrays (``mean`` float32, ``last``) stay lossless in the
+fp8 and int8 tiers (they are ~1/n_tokens of the bytes); the mantissa tier rounds them as it always has.
+
+Readers get the logical dtype back (bf16 values rounded to nearest from the float32 decode).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+BLOCK_TOKENS = 1024  # tokens per fp8 scale block: the writer's zarr shard (segment.TOKENS_PER_ZARR_SHARD)
+SCALE_ARRAY = "hidden_scale"
+_FP8 = {"fp8-e4m3": ml_dtypes.float8_e4m3fn, "fp8-e5m2": ml_dtypes.float8_e5m2}
+INT8_MAX = 127
+TIER_HELP = "lossless, mantissa-K (K = 0..6), fp8-e4m3, fp8-e5m2 or int8"
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str  # "lossless" | "mantissa-K" | "fp8-e4m3" | "fp8-e5m2" | "int8"
+
+    @property
+    def kind(self) -> str:
+        return self.name.split("-")[0]
+
+    @property
+    def mantissa_bits(self) -> int | None:
+        return int(self.name.split("-")[1]) if self.kind == "mantissa" else None
+
+    @property
+    def quantized(self) -> bool:
+        """True when ``hidden`` holds 8-bit codes plus ``hidden_scale`` instead of values in the logical dtype."""
+        return self.kind in ("fp8", "int8")
+
+    @property
+    def storage(self) -> type[np.generic] | None:
+        """numpy dtype of ``hidden`` for quantized tiers (None: the logical dtype's storage, as ever)."""
+        return {"fp8": np.uint8, "int8": np.int8}.get(self.kind)
+
+    @property
+    def decoding(self) -> str | None:
+        """How a foreign reader decodes ``hidden`` (the array's ``decoding`` attribute); None for unquantized."""
+        if self.kind == "fp8":
+            fmt = _FP8[self.name].__name__
+            return (f"uint8 holding {fmt} bits: value[l, t, c] = hidden[l, t, c].view(ml_dtypes.{fmt})"
+                    f".astype(float32) * hidden_scale[l, t // {BLOCK_TOKENS}, c]")
+        if self.kind == "int8":
+            return "int8 codes: value[l, t, c] = hidden[l, t, c].astype(float32) * hidden_scale[l, t]"
+        return None
+
+
+def parse_tier(name: str) -> Tier:
+    """A tier name as given on the command line; a bad one is a one-line ValueError listing the valid ones."""
+    text = str(name).strip().lower()
+    m = re.fullmatch(r"mantissa-(\d+)", text)
+    if text in ("lossless", "int8", *_FP8) or (m and 0 <= int(m.group(1)) <= 6):
+        return Tier(text)
+    raise ValueError(f"unknown value tier {name!r}: use {TIER_HELP}")
+
+
+def store_tier(info: dict) -> Tier:
+    """The tier of a store from its store.json; stores from before tiers were recorded are lossless or mantissa-K."""
+    if info.get("tier"):
+        return parse_tier(info["tier"])
+    bits = info.get("identity", {}).get("mantissa_bits")
+    return Tier("lossless" if bits is None else f"mantissa-{bits}")
+
+
+def to_float32(stored: np.ndarray, logical: str) -> np.ndarray:
+    """Stored values of an unquantized array (bf16 as uint16 bits) -> float32, exactly."""
+    if logical == "bfloat16":
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32)
+
+
+def from_float32(values: np.ndarray, logical: str) -> np.ndarray:
+    """float32 -> the logical dtype's stored form (bf16 as uint16 bits, rounded to nearest even)."""
+    if logical == "bfloat16":
+        return values.astype(ml_dtypes.bfloat16).view(np.uint16)
+    return values.astype(np.float16 if logical == "float16" else np.float32)
+
+
+def quantize(stored: np.ndarray, logical: str, tier: Tier) -> tuple[np.ndarray, np.ndarray]:
+    """One block of ``hidden`` (L+1, n, d) in the logical dtype's stored form -> (codes (L+1, n, d), scale):
+    fp8 scale (L+1, d) per channel over the block's tokens, int8 scale (L+1, n) per token."""
+    x = to_float32(stored, logical)  # (L+1, n, d)
+    if tier.kind == "fp8":
+        fmt = _FP8[tier.name]
+        top = float(ml_dtypes.finfo(fmt).max)
+        scale = np.abs(x).max(axis=1) / top  # (L+1, d)
+        scale[~(scale > 0)] = 1.0  # an all-zero channel: any scale decodes to 0
+        # clip: float rounding of x / scale can exceed the max by an ulp, and e4m3fn turns overflow into NaN
+        codes = np.clip(x / scale[:, None, :], -top, top).astype(fmt).view(np.uint8)
+        return codes, scale.astype(np.float32)
+    if tier.kind == "int8":
+        scale = np.abs(x).max(axis=2) / INT8_MAX  # (L+1, n)
+        scale[~(scale > 0)] = 1.0
+        codes = np.clip(np.rint(x / scale[:, :, None]), -INT8_MAX, INT8_MAX).astype(np.int8)
+        return codes, scale.astype(np.float32)
+    raise ValueError(f"tier {tier.name} stores values, not codes")
+
+
+def dequantize(codes: np.ndarray, scale: np.ndarray, start: int, logical: str, tier: Tier) -> np.ndarray:
+    """Codes of tokens [start, start + n) (L', n, d) and the scale rows covering them -> the logical dtype's stored
+    form (L', n, d). ``scale`` is fp8's (L', blocks from start // 1024, d) or int8's (L', n)."""
+    n = codes.shape[1]
+    if tier.kind == "fp8":
+        block = (np.arange(start, start + n) // BLOCK_TOKENS) - start // BLOCK_TOKENS  # (n,) block of each token
+        values = codes.view(_FP8[tier.name]).astype(np.float32) * scale[:, block, :]  # (L', n, d)
+    elif tier.kind == "int8":
+        values = codes.astype(np.float32) * scale[:, :, None]  # (L', n, d)
+    else:
+        raise ValueError(f"tier {tier.name} stores values, not codes")
+    return from_float32(values, logical)
+
+
+def scale_rows(tier: Tier, start: int, stop: int) -> slice:
+    """The slice of ``hidden_scale``'s second axis that covers tokens [start, stop)."""
+    if tier.kind == "fp8":
+        return slice(start // BLOCK_TOKENS, -(-stop // BLOCK_TOKENS) if stop > start else start // BLOCK_TOKENS + 1)
+    return slice(start, stop)
+
+
+def error_bound(tier: Tier) -> str:
+    """The documented per-value error of a tier, before the final rounding to the logical dtype."""
+    return {
+        "lossless": "exact",
+        "mantissa": "|err| <= 2^-(K+1) |x| (half an ulp at K mantissa bits; never rounds into inf)",
+        "fp8": ("|err| <= 2^-4 |x| + scale * 2^-10 (e4m3) or 2^-3 |x| + scale * 2^-17 (e5m2), "
+                "scale = block channel absmax / format max"),
+        "int8": "|err| <= scale / 2 = token absmax / 254",
+    }[tier.kind]
