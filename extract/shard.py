@@ -185,6 +185,12 @@ class _ShardState:
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "files": self.writer.files,  # what `verify` checks the segment against
         }
+        # close() records the files it finds on disk: a file this writer wrote that is already gone (a gc, a
+        # person) is caught here, by name; commit_shard then re-checks the record after refreshing the lease
+        self.lost = self.writer.damage()
+        if self.lost is not None:
+            self._give_up()
+            return
         rows = sorted(self.rows, key=lambda r: r["row"])
         summary = {k: v for k, v in stats.items() if k != "files"}
         outcome = commit_shard(LocalRoot(job.layout.path), self.shard_id, self.segment, self.writer.files,

@@ -441,16 +441,19 @@ def _reference_copy(store: Path, tmp_path: Path) -> Path:
 
 
 def _hook_crash_point(monkeypatch, hook) -> None:
-    """Run ``hook(name)`` at every crash point extract/shard.py reaches (after the real one)."""
+    """Run ``hook(name)`` at every crash point a shard's extraction and commit reach (extract/shard.py,
+    store/shard_commit.py), after the real one."""
     import probecache.extract.shard as shard_module
+    import probecache.store.shard_commit as commit_module
 
-    real = shard_module.crash_point
+    for module in (shard_module, commit_module):
+        real = module.crash_point
 
-    def point(name: str) -> None:
-        real(name)
-        hook(name)
+        def point(name: str, real=real) -> None:
+            real(name)
+            hook(name)
 
-    monkeypatch.setattr(shard_module, "crash_point", point)
+        monkeypatch.setattr(module, "crash_point", point)
 
 
 def test_gc_during_a_running_extract_keeps_the_segment_being_written(assert_same_store,
