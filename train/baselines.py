@@ -113,8 +113,9 @@ def _features(x, name: str = "x") -> np.ndarray:
         raise ValueError(f"{name} must be a 2-D (N, F) feature array, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float32)
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinite values ({int((~np.isfinite(arr)).sum())} entries)")
+    if not np.isfinite(arr).all():  # from the store in every command: its data, not a caller's bug
+        raise TrainError(f"{name} contains NaN or infinite values ({int((~np.isfinite(arr)).sum())} entries): the "
+                         f"store holds non-finite states (fp16 overflows; re-extract with --dtype bf16 or fp32)")
     return arr
 
 

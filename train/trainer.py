@@ -160,6 +160,10 @@ class _Learner:
 
     def end_epoch(self, epoch: int, labels: np.ndarray, ids: list[str], scores: np.ndarray, metric: str,
                   patience: int, epochs: int) -> None:
+        if not np.isfinite(scores).all():  # a diverged probe (or non-finite stored states): the user's to fix
+            raise TrainError(f"probe {self.variant.label} scored NaN or infinite values on validation after epoch "
+                             f"{epoch + 1}: training diverged; lower --lr, keep --norm rms, or check the store for "
+                             f"non-finite states (an fp16 extraction can overflow)")
         threshold = select_threshold(labels, scores, metric)
         value = getattr(compute_metrics(labels, scores, 0.5 if threshold is None else threshold), metric)
         self.history.append({"epoch": epoch, "train_loss": self._loss_sum / max(self._loss_n, 1),

@@ -303,8 +303,9 @@ def test_tfidf_round_trip_without_pickle(tmp_path, monkeypatch):
 @pytest.mark.parametrize("case, message, error", [
     ("single_class", "single class", TrainError),  # the store's data: the user's to fix
     ("missing_class", r"no example of class\(es\) \[2\]", TrainError),
-    ("nan", "NaN or infinite", ValueError),  # the caller's arrays: a bug if the CLI ever gets here
-    ("inf", "NaN or infinite", ValueError),
+    ("nan", "NaN or infinite", TrainError),  # from the store in every command
+    ("inf", "NaN or infinite", TrainError),
+    # the caller's arguments: a bug if the CLI ever gets here
     ("length", "100 labels but x has 99 rows", ValueError),
     ("out_of_range", r"must lie in \[0, 1\]", ValueError),
     ("float_labels", "integer class indices", ValueError),
@@ -340,7 +341,7 @@ def test_other_entry_points_reject_bad_inputs():
         select_C(x, np.ones_like(y), x, y, 2)
     bad = x.copy()
     bad[0, 0] = np.nan
-    with pytest.raises(ValueError, match="x_val contains NaN"):
+    with pytest.raises(TrainError, match="x_val contains NaN"):
         select_C(x, y, bad, y, 2)
     model = fit_logistic(x, y, 2)
     with pytest.raises(ValueError, match="NaN"):

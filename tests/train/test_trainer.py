@@ -179,6 +179,17 @@ def test_early_stopping_keeps_the_best_epoch(monkeypatch):
     assert [len(c) for c in calls] == [2] * len(results[0].history) + [1] * (len(calls) - len(results[0].history))
 
 
+def test_a_diverged_probe_is_the_users_error_naming_the_fix():
+    """Training data with an infinite state makes the probe's validation scores NaN: a TrainError that names --lr
+    and the store, not compute_metrics' ValueError about its arguments (which the CLI would show as a bug)."""
+    x_tr, y_tr = separable(16, seed=0)
+    x_tr[3, 0, 0, 0] = math.inf
+    x_val, y_val = separable(8, seed=1)
+    train, val = ArraySource(x_tr, y_tr, 8, shuffle=False), ArraySource(x_val, y_val, 8, shuffle=False)
+    with pytest.raises(TrainError, match=r"NaN or infinite values on validation after epoch 1: .*lower --lr"):
+        fit_shared([variant(lr=0.1, epochs=2)], train, val, "f1", np.bincount(y_tr.numpy()), progress=False)
+
+
 def test_without_improvement_stops_at_epochs_and_cosine_reaches_zero():
     x_tr, y_tr = separable(24, seed=2)
     x_val, y_val = separable(8, seed=3)
