@@ -475,9 +475,15 @@ class TfidfModel:
         terms = json.loads(meta[_VOCAB_KEY])
         if len(set(terms)) != len(terms):
             raise TrainError(f"{path}: the TF-IDF vocabulary has duplicate terms")
-        return cls(vocabulary={t: i for i, t in enumerate(terms)}, idf=tensors["idf"],
-                   model=LogisticModel._from(tensors, config, path), ngram_range=tuple(config["ngram_range"]),
-                   lowercase=config["lowercase"], sublinear_tf=config["sublinear_tf"])
+        model = LogisticModel._from(tensors, config, path)
+        try:
+            return cls(vocabulary={t: i for i, t in enumerate(terms)}, idf=tensors["idf"], model=model,
+                       ngram_range=tuple(config["ngram_range"]), lowercase=config["lowercase"],
+                       sublinear_tf=config["sublinear_tf"])
+        except KeyError as e:
+            raise TrainError(f"{path}: incomplete TF-IDF baseline: no {e.args[0]!r}") from e
+        except ValueError as e:  # the model's own consistency checks, on what the file holds
+            raise TrainError(f"{path}: inconsistent TF-IDF baseline ({e}): retrain the run") from e
 
 
 def _texts(texts) -> list[str]:

@@ -298,6 +298,17 @@ def test_tfidf_round_trip_without_pickle(tmp_path, monkeypatch):
     assert read_metadata(path) == {"dataset": "toy"}
 
 
+def test_a_damaged_tfidf_file_is_a_train_error_naming_it(tmp_path):
+    model = fit_tfidf(*toy_texts(120, seed=20), 2)
+    path = tmp_path / "tfidf.safetensors"
+    model.save(path)
+    with safe_open(str(path), framework="np") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file({**tensors, "idf": tensors["idf"][:-1]}, str(path), metadata=metadata)  # one term short
+    with pytest.raises(TrainError, match=r"tfidf\.safetensors: inconsistent TF-IDF baseline .*retrain the run"):
+        TfidfModel.load(path)
+
+
 # --- clear errors ---
 
 @pytest.mark.parametrize("case, message, error", [
