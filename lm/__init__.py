@@ -5,10 +5,11 @@
     model, tokenizer = load_model(source, torch.bfloat16, "cpu")
     ids, lengths = encode(["a prompt"], tokenizer, Tokenisation("raw", "right", 512))
 
-Modules: ``models`` (resolving ``--model`` to a folder, converting a GGUF once into the cache, dtype, device,
-loading, the tokenizer's identity), ``tokens`` (Tokenisation, encode, truncation, padding), ``errors``
-(ModelError). Extraction and serving both tokenise and pad through here, so a served prompt is tokenised byte for
-byte as the stored one was. This package imports no other probecache stage.
+Modules: ``models`` (resolving ``--model`` to a folder, converting a GGUF once into the cache, dtype, loading, the
+tokenizer's identity), ``devices`` (the one ``--device`` check; torch only, so train uses it too), ``tokens``
+(Tokenisation, encode, truncation, padding), ``errors`` (ModelError). Extraction and serving both tokenise and pad
+through here, so a served prompt is tokenised byte for byte as the stored one was. This package imports no other
+probecache stage.
 
 The constants below are plain values so that the CLI can show defaults without importing torch; other names
 are imported lazily.
@@ -25,7 +26,7 @@ _EXPORTS = {
     "ModelSource": "probecache.lm.models",
     "cache_dir": "probecache.lm.models",
     "load_model": "probecache.lm.models",
-    "resolve_device": "probecache.lm.models",
+    "resolve_device": "probecache.lm.devices",
     "resolve_dtype": "probecache.lm.models",
     "resolve_model": "probecache.lm.models",
     "tokenizer_identity": "probecache.lm.models",
