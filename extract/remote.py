@@ -30,14 +30,12 @@ import shutil
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 from probecache.manifests.schema import PART_NAME
 from probecache.store.errors import StoreError
 from probecache.store.layout import StoreLayout
 from probecache.store.lease import LeaseKeeper
 from probecache.store.remote import LocalRoot, ObjectRoot, parse_url
-from probecache.store.repair import BrokenPart, broken_name, record_damage
 from probecache.store.status import parse_segment
 from probecache.store.transfer import (
     DamagedSource,
@@ -86,47 +84,6 @@ class RemoteSync:
 
     def publish_header(self) -> None:
         copy_header(self.local, self.remote)
-
-    def set_aside_broken_parts(self) -> list[BrokenPart]:
-        """Repair by rerun on the remote store: a part whose segment is missing or incomplete there (one LIST of
-        segments/ gives every object's size) is copied to a reserved name and deleted, so its shard is
-        extracted again. Parts are read through the reader's mirror (fetched once, then cached)."""
-        from probecache.manifests.schema import ManifestError, read_part
-        from probecache.store.mirror import mirror_dir, sync_metadata
-
-        if not committed_parts(self.remote):
-            return []
-        mirror = Path(mirror_dir(self.url))
-        sync_metadata(self.remote, mirror)
-        sizes: dict[str, dict[str, int]] = {}
-        for key, meta in self.remote.list("segments").items():
-            segment, _, rel = key.partition("/")
-            sizes.setdefault(segment, {})[rel] = meta.size
-        moved = []
-        for local in sorted((mirror / "manifests").glob("part-*.parquet")):
-            m = PART_NAME.match(local.name)
-            if m is None:
-                continue
-            shard_id = int(m.group(1))
-            try:
-                _, stats = read_part(local)
-                present = sizes.get(stats.get("segment")) if isinstance(stats.get("segment"), str) else None
-                reason = record_damage(shard_id, stats, (lambda rel, p=present: p.get(rel)) if present else None)
-            except ManifestError:
-                reason = "it cannot be read or fails its own checksum"
-            if reason is None:
-                continue
-            key = f"manifests/{local.name}"
-            data = self.remote.get(key)
-            if data is None or data != local.read_bytes():
-                continue  # gone or committed again since the mirror was synced: not the record we judged
-            target = f"manifests/{broken_name(shard_id)}"
-            self.remote.put(target, data)
-            if self.remote.get(key) == data:  # still the broken record (another extractor may have redone it)
-                self.remote.delete(key)
-                local.unlink(missing_ok=True)
-                moved.append(BrokenPart(shard_id, f"{self.url}/{key}", reason, target))
-        return moved
 
     def upload_leftovers(self) -> None:
         """Shards committed in staging by an earlier run but never uploaded: upload them now."""

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from probecache.store.remote import writable_root
+from probecache.store.remote import LocalRoot, writable_root
 from probecache.store.repair import set_aside_broken_parts
 
 from .config import ExtractConfig
@@ -103,7 +103,7 @@ def _set_aside_broken_parts(prep: PreparedStore, remote: RemoteSync | None) -> N
     """Repair by rerun: every committed part whose segment is missing or incomplete (recorded files absent or of
     another size; a deleted manifest folder needs nothing, its shards are simply not committed) is renamed to a
     reserved name readers ignore, so this run extracts its shard again (store/repair.py)."""
-    moved = remote.set_aside_broken_parts() if remote is not None else set_aside_broken_parts(prep.layout)
+    moved = set_aside_broken_parts(remote.remote if remote is not None else LocalRoot(prep.layout.path))
     for item in moved:
         print(f"warning: {item.where}: {item.reason}; moved the commit record aside to {item.moved_to} and "
               f"extracting shard {item.shard_id} again", file=sys.stderr)

@@ -49,7 +49,7 @@ _EXPORTS = {
     "push": "probecache.store.transfer",
     "pull": "probecache.store.transfer",
     "ProbedModel": "probecache.serve.probed",
-    "TrainOptions": "probecache.train.runner",
+    "TrainOptions": "probecache.train.options",
     "train_run": "probecache.train.runner",
     "evaluate_run": "probecache.train.runner",
 }

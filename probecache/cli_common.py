@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 
@@ -48,6 +50,14 @@ def fail(error: Exception) -> None:
     typer.echo(f"error: {error}", err=True)
     raise typer.Exit(2)
 
+
+
+# Options several commands share, declared once (help text and spelling stay the same everywhere)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")]
+StoreRootOpt = Annotated[str | None, typer.Option("--root", help="Where store ids are looked up \\[default: "
+                                                  "$PROBECACHE_ROOT or stores].", show_default=False)]
+DeviceOpt = Annotated[str, typer.Option(help="cpu | cuda[:N] | mps | auto (a device this machine lacks is a "
+                                             "one-line error).")]
 
 def print_table(rows: list[list[str]]) -> None:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from probecache.cli_common import fail, print_table, user_errors
+from probecache.cli_common import JsonOpt, fail, print_table, user_errors
 from probecache.extract.config import default_root
 
 store_app = typer.Typer(
@@ -36,7 +36,7 @@ def _where(text: str) -> str:
 @store_app.command("info")
 def store_info(
     store: Annotated[str, typer.Argument(help=_STORE_HELP)],
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """What a store holds: model, dataset, examples, tokens, layers, bytes, shards committed (local or URL)."""
     from probecache.store.reader import open_store
@@ -77,7 +77,7 @@ def store_ls(
         str | None, typer.Argument(help="Folder or URL (s3://bucket/prefix) holding stores (env PROBECACHE_ROOT; "
                                    "default ./stores).")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON list.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """List the stores under a root, newest first."""
     from probecache.store.errors import StoreError
@@ -125,7 +125,7 @@ def store_status_cmd(
         str, typer.Option("--stale-after", help="An uncommitted shard with no write for this long is stale "
                           "(its worker died): 30m, 6h, 2d.")
     ] = "6h",
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """How far an extraction has got: shards committed / in progress / failed / stale, rate and ETA.
 
@@ -147,7 +147,7 @@ def store_status_cmd(
 @store_app.command("verify")
 def store_verify(
     store: Annotated[str, typer.Argument(help=_STORE_HELP)],
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Check every committed shard against its commit record (sizes, crc32c), its arrays and the plan.
 
@@ -184,7 +184,7 @@ def store_gc(
                           "that a running extraction or upload holds a lease on are kept whatever this says.")
     ] = "6h",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be removed; delete nothing.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Remove orphan segments (killed or losing attempts), their stats, stale leases and temp files.
 
@@ -218,7 +218,7 @@ def store_push(
                                              "URL/<store_id>) or the store URL itself.")],
     verify_existing: Annotated[bool, typer.Option("--verify-existing", help="Download and checksum files already "
                                                   "at the destination instead of trusting their size.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Copy a store's committed shards that the destination lacks: segments first, each part last.
 
@@ -239,7 +239,7 @@ def store_pull(
     url: Annotated[str, typer.Argument(help="A store URL: s3://bucket/prefix/<store_id> (or any store folder).")],
     local: Annotated[str, typer.Argument(help="A local root (the store goes to LOCAL/<store_id>) or the store "
                                                "folder itself.")],
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Copy a remote store's committed shards that the local copy lacks (verified, resumable, valid throughout)."""
     from probecache.store.transfer import pull

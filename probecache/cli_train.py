@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from probecache.cli_common import CliError, fail, print_table, user_errors
+from probecache.cli_common import CliError, DeviceOpt, JsonOpt, StoreRootOpt, fail, print_table, user_errors
 
 _PROBE = "Probe"
 _TRAIN = "Training (repeat an option to sweep it)"
@@ -66,6 +66,7 @@ def _fmt(m: dict | None, name: str) -> str:
 def register(app: typer.Typer) -> None:
     # the option vocabularies only (no torch, numpy or zarr): the train stage itself loads when a command runs
     from probecache.train.choices import ALL_PROBES, CLASS_WEIGHTS, METRICS, NORMS, POOLS, READOUTS, default_runs_dir
+    from probecache.train.options import Grid, TrainOptions  # the defaults below are theirs
 
     @app.command(epilog="Examples:\n\n  probecache train --store stores/rotten_tomatoes-XXXX --probe scoring\n\n"
                         "  probecache train --store STORE --probe mha --downcast 8 --downcast 32 --lr 1e-4 --lr 3e-4 "
@@ -75,13 +76,13 @@ def register(app: typer.Typer) -> None:
                                                 "under --root.", rich_help_panel=_DATA)],
         probe: Annotated[str, typer.Option(help=f"One of {', '.join(ALL_PROBES)}.", rich_help_panel=_PROBE)],
         pool: Annotated[list[str], typer.Option(help=f"pooling / mha: {' or '.join(POOLS)} pooling.",
-                                                rich_help_panel=_PROBE)] = ["mean"],  # noqa: B006
+                                                rich_help_panel=_PROBE)] = list(Grid.pools),  # noqa: B006
         norm: Annotated[list[str], typer.Option(help=f"{' or '.join(NORMS)}: rms scales every token vector to unit "
                                                      "RMS before stage 1 (tames massive activations; none = the "
                                                      "paper's raw states).", rich_help_panel=_PROBE)
-                        ] = ["rms"],  # noqa: B006
+                        ] = list(Grid.norms),  # noqa: B006
         downcast: Annotated[list[int], typer.Option(help="mha: d_inner = hidden size / downcast.",
-                                                    rich_help_panel=_PROBE)] = [8],  # noqa: B006
+                                                    rich_help_panel=_PROBE)] = list(Grid.downcasts),  # noqa: B006
         heads: Annotated[list[int], typer.Option(help="mha: attention heads \\[default: 8, or the most of 4/2/1 that "
                                                       "divide d_inner].", rich_help_panel=_PROBE,
                                                  show_default=False)] = [],  # noqa: B006
@@ -90,14 +91,14 @@ def register(app: typer.Typer) -> None:
         lr: Annotated[list[float], typer.Option(help="AdamW learning rate \\[default: pooling 1e-2, scoring 3e-3, "
                                                      "mha 1e-3].", rich_help_panel=_TRAIN, show_default=False)
                       ] = [],  # noqa: B006
-        weight_decay: Annotated[list[float], typer.Option(rich_help_panel=_TRAIN)] = [0.01],  # noqa: B006
-        batch_size: Annotated[list[int], typer.Option(rich_help_panel=_TRAIN)] = [32],  # noqa: B006
+        weight_decay: Annotated[list[float], typer.Option(rich_help_panel=_TRAIN)] = list(Grid.weight_decays),  # noqa: B006
+        batch_size: Annotated[list[int], typer.Option(rich_help_panel=_TRAIN)] = list(Grid.batch_sizes),  # noqa: B006
         class_weight: Annotated[list[str], typer.Option(help=f"{' or '.join(CLASS_WEIGHTS)} (balanced: inverse "
                                                              "class frequency).", rich_help_panel=_TRAIN)
-                                ] = ["none"],  # noqa: B006
-        epochs: Annotated[int, typer.Option(help="At most this many epochs.", rich_help_panel=_TRAIN)] = 10,
+                                ] = list(Grid.class_weights),  # noqa: B006
+        epochs: Annotated[int, typer.Option(help="At most this many epochs.", rich_help_panel=_TRAIN)] = Grid.epochs,
         patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation "
-                                                   "metric.", rich_help_panel=_TRAIN)] = 3,
+                                                   "metric.", rich_help_panel=_TRAIN)] = Grid.patience,
         seeds: Annotated[int, typer.Option(help="Seeds per configuration (0..N-1): results are mean ± std.",
                                            rich_help_panel=_TRAIN)] = 1,
         metric: Annotated[str | None, typer.Option(help=f"Selection metric: {' or '.join(METRICS)} \\[default: f1 "
@@ -107,29 +108,32 @@ def register(app: typer.Typer) -> None:
                                                            "\\[default: linear 1; muli 0.01..10; tfidf 0.1..10].",
                                                rich_help_panel=_BASE, show_default=False)] = [],  # noqa: B006
         readout: Annotated[str, typer.Option(help=f"linear: {' or '.join(READOUTS)} state per layer.",
-                                             rich_help_panel=_BASE)] = "mean",
+                                             rich_help_panel=_BASE)] = TrainOptions.readout,
         root: Annotated[str | None, typer.Option(help="Where store ids are looked up \\[default: $PROBECACHE_ROOT "
                                                       "or stores].", rich_help_panel=_DATA)] = None,
-        train_split: Annotated[str, typer.Option(rich_help_panel=_DATA)] = "train",
+        train_split: Annotated[str, typer.Option(rich_help_panel=_DATA)] = TrainOptions.train_split,
         validation_split: Annotated[str, typer.Option(help="Carved from train (stratified) when the store has "
-                                                           "none.", rich_help_panel=_DATA)] = "validation",
+                                                           "none.", rich_help_panel=_DATA)
+                                    ] = TrainOptions.validation_split,
         test_split: Annotated[str, typer.Option(help="Read once, for the selected configuration; 'none' skips "
-                                                     "it.", rich_help_panel=_DATA)] = "test",
-        validation_fraction: Annotated[float, typer.Option(rich_help_panel=_DATA)] = 0.1,
+                                                     "it.", rich_help_panel=_DATA)] = TrainOptions.test_split,
+        validation_fraction: Annotated[float, typer.Option(rich_help_panel=_DATA)] = TrainOptions.validation_fraction,
         buffer_tokens: Annotated[int, typer.Option(help="Shuffle buffer bound (tokens): memory = tokens x layers x "
-                                                        "d x 2 B.", rich_help_panel=_DATA)] = 65536,
+                                                        "d x 2 B.", rich_help_panel=_DATA)
+                                 ] = TrainOptions.buffer_tokens,
         runs_dir: Annotated[str, typer.Option(help="Where run folders go \\[default: $PROBECACHE_RUNS or runs].",
                                               rich_help_panel=_OUT, show_default=False)] = "",
-        device: Annotated[str, typer.Option(help="cpu | cuda[:N] | mps | auto.", rich_help_panel=_OUT)] = "cpu",
-        progress: Annotated[bool, typer.Option(help="Progress bars on stderr.", rich_help_panel=_OUT)] = True,
+        device: Annotated[str, typer.Option(help="cpu | cuda[:N] | mps | auto.", rich_help_panel=_OUT)
+                          ] = TrainOptions.device,
+        progress: Annotated[bool, typer.Option(help="Progress bars on stderr.", rich_help_panel=_OUT)
+                            ] = TrainOptions.progress,
     ) -> None:
         """Train a probe (or a sweep of them, reading each batch once) on a store; select on validation, test once.
 
         Writes runs/<id>/ (config.json, metrics.json, probe.safetensors, results.md, plots/) and prints
         `run: <path>` last.
         """
-        from probecache.train.runner import TrainOptions, train_run
-        from probecache.train.sweep import Grid
+        from probecache.train.runner import train_run
 
         try:
             st = open_store_arg(store, root)
@@ -167,9 +171,9 @@ def register(app: typer.Typer) -> None:
         store: Annotated[str, typer.Option(help="A store extracted with the same model (any dataset: "
                                                 "out-of-distribution evaluation).")],
         split: Annotated[str, typer.Option(help="Split of the store to evaluate.")] = "test",
-        root: Annotated[str | None, typer.Option(help="Where store ids are looked up.")] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
-        device: Annotated[str, typer.Option(help="cpu | cuda[:N] | mps | auto.")] = "cpu",
+        root: StoreRootOpt = None,
+        as_json: JsonOpt = False,
+        device: DeviceOpt = TrainOptions.device,
     ) -> None:
         """Evaluate a trained probe on a split of a store (refuses stores of another model)."""
         from probecache.train.runner import evaluate_run
@@ -202,5 +206,7 @@ def register(app: typer.Typer) -> None:
             paths = write_report(runs_dir or default_runs_dir(), out)
         except user_errors() as e:
             fail(e)
+        except PermissionError as e:  # the output folder is the user's to fix; other OSErrors keep their traceback
+            fail(CliError(f"cannot write the report to {e.filename}: permission denied; pass --out a writable folder"))
         for kind, path in paths.items():
             typer.echo(f"{kind}: {path}")

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from .commit import TEMP_PREFIX, create_if_absent, temp_path, write_synced
+from .commit import TEMP_PREFIX, create_if_absent, fsync_dir, temp_path, write_synced
 from .errors import StoreError
 from .faults import crash_point
 
@@ -379,6 +379,19 @@ class Root:
         listed = self.list(rel).values()
         return sum(i.size for i in listed), max((i.mtime for i in listed), default=0.0)
 
+    def set_aside(self, key: str, target: str, judged: bytes) -> bool:
+        """Move the file ``key`` to the free name ``target`` if it still holds ``judged`` (a broken commit record
+        being set aside, store/repair.py): copy, look again, delete. True when moved; False when it is gone or
+        was replaced meanwhile (another extractor set it aside and committed the shard again)."""
+        if self.get(key) != judged:
+            return False
+        self.put(target, judged)
+        if self.get(key) != judged:
+            self.delete(target)
+            return False
+        self.delete(key)
+        return True
+
     def checksum(self, rel: str) -> tuple[int, str] | None:
         """(size, crc32c hex) of one file, None when absent."""
         from .integrity import crc32c_hex  # pyarrow behind it: never on the CLI's --help path
@@ -583,6 +596,25 @@ class LocalRoot(Root):
     def put_if_absent(self, rel: str, data: bytes) -> bool:
         target = self._file(rel)
         return create_if_absent(target, data) or target.read_bytes() == data
+
+    def set_aside(self, key: str, target: str, judged: bytes) -> bool:
+        """An atomic rename frees ``key`` for the next commit at once. If what was moved is not what was judged
+        (another extractor set the broken record aside and committed the shard again in between), it goes back
+        unless yet another commit already took the name."""
+        src, dst = self._file(key), self._file(target)
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            return False
+        if dst.read_bytes() != judged:
+            try:
+                os.link(dst, src)
+                dst.unlink()
+            except FileExistsError:
+                pass
+            return False
+        fsync_dir(src.parent)
+        return True
 
     def list(self, rel: str = "") -> dict[str, ObjectInfo]:
         base = self._file(rel)

@@ -21,18 +21,16 @@ Parts committed before file records existed (no ``files`` in their stats) are ch
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
-from probecache.manifests.schema import PART_NAME, ManifestError, committed_part_files, read_part
+from probecache.manifests.schema import ManifestError, part_file_name, read_part
 
-from .commit import fsync_dir
-from .layout import StoreLayout, new_attempt_id
-from .remote import DELETING, LEGACY_DELETING
-from .scan import parse_segment
+from .layout import new_attempt_id
+from .remote import DELETING, LEGACY_DELETING, Root
+from .scan import committed_parts, parse_segment
 
 BROKEN_PREFIX = ".probecache-broken-part-"
 BROKEN_NAME = re.compile(r"\.probecache-broken-part-(\d{5,})-(\d{8}T\d{6})-([0-9a-f]{8})\.parquet")  # fullmatch
@@ -84,81 +82,67 @@ def record_damage(shard_id: int, stats: dict, size_of: Callable[[str], int | Non
     return f"segment segments/{segment}: " + ", ".join(what)
 
 
-def part_damage(layout: StoreLayout, shard_id: int, part: Path) -> str | None:
-    """What is wrong with a local committed part and its segment (see the module docstring), or None."""
-    try:
-        _, stats = read_part(part)
-    except ManifestError as e:
-        if isinstance(e.__cause__, FileNotFoundError):
-            return None  # set aside by another extractor since we listed it
-        return "it cannot be read or fails its own checksum"
-    segment = stats.get("segment")
-    folder = layout.segments / segment if parse_segment(segment) is not None else None
-    if folder is not None and not folder.is_dir():
-        return record_damage(shard_id, stats, None)
-
-    def size_of(rel: str) -> int | None:
-        try:
-            return os.stat(folder / rel).st_size
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-
-    return record_damage(shard_id, stats, size_of)
-
-
-def restore_half_deleted(layout: StoreLayout, segment: str) -> bool:
-    """Put back a committed segment that a gc renamed to ``.probecache-deleting-<segment>`` (or the older
-    ``.deleting-``) and was killed before its second look: a part references it, so it was never gc's to delete."""
-    if parse_segment(segment) is None or os.path.lexists(layout.segments / segment):
-        return False
-    for prefix in (DELETING, LEGACY_DELETING):
-        hidden = layout.segments / (prefix + segment)
-        if hidden.is_dir() and not hidden.is_symlink():
-            try:
-                os.rename(hidden, layout.segments / segment)
-                return True
-            except FileNotFoundError:
-                continue  # another gc or extractor got there first
-    return False
-
-
-def set_aside_broken_parts(layout: StoreLayout) -> list[BrokenPart]:
-    """Rename every broken committed part of a local store to a reserved name (see the module docstring)."""
+def set_aside_broken_parts(root: Root) -> list[BrokenPart]:
+    """Move every broken committed part of the store at ``root`` (a local folder or an object-store prefix) to a
+    reserved name (see the module docstring). One listing of segments/ gives every file's size."""
+    parts = committed_parts(root)
+    if not parts:
+        return []
+    sizes = _segment_sizes(root)
     moved = []
-    parts = {int(PART_NAME.match(p.name).group(1)): p for p in committed_part_files(layout.manifests)}
-    for shard_id, part in sorted(parts.items()):
-        reason = part_damage(layout, shard_id, part)
-        if reason is not None and "is missing" in reason:
-            segment = _segment_named(part)
-            if segment is not None and restore_half_deleted(layout, segment):
-                reason = part_damage(layout, shard_id, part)
+    for shard_id, name in sorted(parts.items()):
+        key = f"manifests/{name}"
+        judged = root.get(key)
+        if judged is None:
+            continue  # set aside by another extractor since we listed it
+        reason, segment = _part_damage(shard_id, judged, sizes)
+        half_deleted = reason is not None and segment is not None and "is missing" in reason
+        if half_deleted and restore_half_deleted(root, segment):
+            sizes = _segment_sizes(root)
+            reason, _ = _part_damage(shard_id, judged, sizes)
         if reason is None:
             continue
-        target = layout.manifests / broken_name(shard_id)
-        try:
-            os.rename(part, target)  # atomic: the name is free for the new commit at once
-        except FileNotFoundError:
-            continue  # another extractor set it aside first
-        if part_damage(layout, shard_id, target) is None:
-            # what we moved was healthy: another extractor had already set the broken record aside and committed
-            # the shard again between our check and our rename. Put it back unless yet another commit exists.
-            try:
-                os.link(target, part)
-                target.unlink()
-            except FileExistsError:
-                pass
-            continue
-        fsync_dir(layout.manifests)
-        moved.append(BrokenPart(shard_id, f"{layout.manifests / part.name}", reason, f"manifests/{target.name}"))
+        target = f"manifests/{broken_name(shard_id)}"
+        if root.set_aside(key, target, judged):
+            moved.append(BrokenPart(shard_id, f"{root.url}/{key}", reason, target))
     return moved
 
 
-def _segment_named(part: Path) -> str | None:
+def _segment_sizes(root: Root) -> dict[str, dict[str, int]]:
+    """segment -> {file: size} of every file under segments/ (hidden and in-flight names excluded)."""
+    sizes: dict[str, dict[str, int]] = {}
+    for key, meta in root.list("segments").items():
+        segment, _, rel = key.partition("/")
+        sizes.setdefault(segment, {})[rel] = meta.size
+    return sizes
+
+
+def _part_damage(shard_id: int, part: bytes, sizes: dict[str, dict[str, int]]) -> tuple[str | None, str | None]:
+    """(what is wrong with a committed part and its segment or None, the segment it names)."""
     try:
-        segment = read_part(part)[1].get("segment")
+        _, stats = read_part(part, f"manifests/{part_file_name(shard_id)}")
     except ManifestError:
-        return None
-    return segment if isinstance(segment, str) else None
+        return "it cannot be read or fails its own checksum", None
+    segment = stats.get("segment") if isinstance(stats.get("segment"), str) else None
+    present = sizes.get(segment) if segment is not None and parse_segment(segment) is not None else {}
+    return record_damage(shard_id, stats, present.get if present is not None else None), segment
+
+
+def restore_half_deleted(root: Root, segment: str) -> bool:
+    """Put back a committed segment that a gc renamed to ``.probecache-deleting-<segment>`` (or the older
+    ``.deleting-``) and was killed before its second look: a part references it, so it was never gc's to delete.
+    (Only local gc hides a tree before deleting it; on an object store there is nothing to restore.)"""
+    if parse_segment(segment) is None:
+        return False
+    folders, _ = root.list_dir("segments", hidden=True)
+    if segment in folders:
+        return False
+    links = set(root.links("segments"))
+    for prefix in (DELETING, LEGACY_DELETING):
+        hidden = prefix + segment
+        if hidden in folders and hidden not in links and root.rename(f"segments/{hidden}", f"segments/{segment}"):
+            return True
+    return False
 
 
 def _some(items: list[str], n: int = 3) -> str:

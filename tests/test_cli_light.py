@@ -130,3 +130,42 @@ def test_probecache_debug_shows_the_traceback_of_a_user_error(tmp_path, monkeypa
     loud = CliRunner().invoke(app, ["store", "info", missing])
     assert loud.exit_code == 2 and "Traceback" in loud.stderr and loud.stderr.strip().splitlines()[-1].startswith(
         "error: ")
+
+
+def test_command_defaults_are_the_stages_own():
+    """Defaults are written once, in the config dataclasses; the CLI shows and uses exactly those."""
+    import dataclasses
+
+    import typer.main
+    from probecache.extract.config import ExtractConfig
+    from probecache.extract.launchers import LaunchConfig
+    from probecache.train.options import Grid, TrainOptions
+
+    from probecache.cli import app
+
+    commands = typer.main.get_command(app).commands
+
+    def defaults(command: str) -> dict:
+        return {p.name: p.default for p in commands[command].params}
+
+    def field_defaults(cls) -> dict:
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+    extract = defaults("extract")
+    shared = {**field_defaults(ExtractConfig), **field_defaults(LaunchConfig)}
+    # --root's default is None: $PROBECACHE_ROOT, else the config's "stores" (default_root())
+    compared = {name: (extract[name], value) for name, value in shared.items() if name in extract and name != "root"}
+    assert len(compared) >= 30, sorted(compared)  # every option with a field: none forgotten by renaming
+    assert {n: v for n, v in compared.items() if v[0] != v[1]} == {}
+
+    train = defaults("train")
+    grid = {"pool": "pools", "norm": "norms", "downcast": "downcasts", "weight_decay": "weight_decays",
+            "batch_size": "batch_sizes", "class_weight": "class_weights", "epochs": "epochs", "patience": "patience"}
+    for option, name in grid.items():
+        want = getattr(Grid, name)
+        assert train[option] == (list(want) if isinstance(want, tuple) else want), option
+    # --runs-dir: $PROBECACHE_RUNS, else "runs"; --class-weight: the grid's list (checked above)
+    options = {n: v for n, v in field_defaults(TrainOptions).items() if n in train
+               and n not in ("runs_dir", "class_weight")}
+    assert len(options) >= 8 and {n: (train[n], v) for n, v in options.items() if train[n] != v} == {}
+    assert defaults("eval")["device"] == TrainOptions.device

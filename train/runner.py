@@ -36,6 +36,7 @@ from .data import Splits, SplitSpec, batch_source, resolve_splits, split_counts,
 from .errors import TrainError
 from .loaders import load_pooled
 from .metrics import metric_for
+from .options import TrainOptions
 from .probes import PROBES, check_safetensors, load_probe, save_probe
 from .runs import (
     check_compatible,
@@ -52,39 +53,6 @@ from .sweep import Grid, expand_grid, run_sweep
 from .trainer import evaluate, predict, select_threshold, variant_record
 
 DEFAULT_CS = (0.01, 0.1, 1.0, 10.0)
-
-
-@dataclass
-class TrainOptions:
-    probe: str
-    grid: Grid | None = None  # pooling / scoring / mha
-    cs: tuple[float, ...] | None = None  # baselines: inverse regularisation strengths tried on validation
-    # (None: DEFAULT_BASELINE_CS)
-    readout: str = "mean"  # linear: per-layer pooled mean or last-token state
-    class_weight: str = "none"  # baselines (probes take it from the grid)
-    layers: list[int] | None = None
-    metric: str | None = None  # None: F1 for safety-like label names, else accuracy
-    train_split: str = "train"
-    validation_split: str = "validation"
-    test_split: str | None = "test"
-    validation_fraction: float = 0.1
-    runs_dir: str = "runs"
-    device: str = "cpu"
-    buffer_tokens: int = 65536
-    progress: bool = True
-    extra: dict = field(default_factory=dict)  # recorded in config.json under options (the CLI puts its argv)
-
-    def __post_init__(self) -> None:
-        if self.probe not in ALL_PROBES:
-            raise TrainError(f"unknown probe {self.probe!r}: choose one of {', '.join(ALL_PROBES)}")
-        if self.readout not in READOUTS:
-            raise TrainError(f"--readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
-        if self.class_weight not in CLASS_WEIGHTS:  # probes check theirs in TrainConfig; baselines use this one
-            raise TrainError(f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}")
-        bad = [c for c in self.cs or () if not (np.isfinite(c) and c > 0)]
-        if bad:
-            raise TrainError(f"--C must be a positive finite number, got {bad[0]}")
-        self.device = resolve_device(self.device, TrainError)  # before any data is read: one line, not torch's assert
 
 
 def train_run(store: Store, options: TrainOptions) -> Path:

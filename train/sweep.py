@@ -19,6 +19,7 @@ import torch
 
 from .data import Splits, SplitSpec, batch_source, labels_of, uses_pooled_tier
 from .loaders import Layers
+from .options import Grid
 from .probes import ProbeConfig
 from .trainer import FitResult, TrainConfig, Variant, evaluate, fit_shared, predict
 
@@ -32,22 +33,6 @@ DEFAULT_LR = {"pooling": 1e-2, "scoring": 3e-3, "mha": 1e-3}
 def auto_heads(d_inner: int) -> int:
     """The most heads (8, 4, 2 or 1) that divide d_inner: 8 unless the width forbids it (576 / 32 = 18 -> 2)."""
     return next(h for h in HEAD_CHOICES if d_inner % h == 0)
-
-
-@dataclass(frozen=True)
-class Grid:
-    probe: str
-    pools: Sequence[str] = ("mean",)
-    norms: Sequence[str] = ("rms",)
-    downcasts: Sequence[int] = (8,)
-    heads: Sequence[int | None] = (None,)  # None: auto_heads
-    lrs: Sequence[float] = ()  # empty: DEFAULT_LR[probe]
-    weight_decays: Sequence[float] = (0.01,)
-    batch_sizes: Sequence[int] = (32,)
-    class_weights: Sequence[str] = ("none",)
-    seeds: Sequence[int] = (0,)
-    epochs: int = 10
-    patience: int = 3
 
 
 def expand_grid(grid: Grid, n_layers: int, hidden_size: int, n_classes: int) -> list[Variant]:
