@@ -16,7 +16,8 @@ For each tier, on the same dataset slice, model, plan and batches as a lossless 
 
     python bench/tiers.py --quick                      # ~10 min on 2 cores: 300 RT reviews, 3 layers, 3 epochs
     python bench/tiers.py                              # 1000 RT reviews, 5 layers, 10 epochs
-    python bench/tiers.py --dataset toxicchat          # needs ../shared/data/toxicchat (skipped when absent)
+    python bench/tiers.py --dataset toxicchat          # needs ../shared/data/toxicchat (skipped when absent): the
+                                                       # human train file carved 80/10/10, chat template, 128 tokens
 
 Stores go to a temporary root that is deleted at the end (each SmolLM2 store is ~36 KB per token lossless).
 """
@@ -44,8 +45,8 @@ from probecache.train.loaders import TokenStream  # noqa: E402
 from probecache.train.runner import TrainOptions, train_run  # noqa: E402
 from probecache.train.sweep import Grid  # noqa: E402
 
-TIERS = ["lossless", "mantissa-4", "mantissa-2", "mantissa-0", "fp8-e4m3", "fp8-e5m2", "int8"]
-QUICK_TIERS = ["lossless", "mantissa-2", "fp8-e4m3", "int8"]
+TIERS = ["lossless", "mantissa-4", "mantissa-2", "mantissa-0", "fp8-e4m3", "fp8-e5m2", "int8", "int7", "int6"]
+QUICK_TIERS = ["lossless", "mantissa-2", "fp8-e4m3", "int8", "int7"]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -80,16 +81,22 @@ def reconstruction(exact: Store, lossy: Store) -> dict:
             "token_rel_mean": float(np.concatenate(token_rel).mean())}
 
 
-def loader_tokens_per_second(store: Store, layers: list[int]) -> float:
+def loader_tokens_per_second(store: Store, layers: list[int], repeats: int = 3) -> float:
+    """Best of ``repeats`` epochs: the first pass over a store also pays one-off costs (zarr metadata, the commit
+    record checks, page cache), which made the first tier measured look 2x slower than the rest."""
     stream = TokenStream(store, "train", layers=layers, batch_size=32, seed=0)
-    started = time.perf_counter()
-    n = sum(int(b.mask.sum()) for b in stream.epoch(0))
-    return n / (time.perf_counter() - started)
+    best = float("inf")
+    for epoch in range(repeats):
+        started = time.perf_counter()
+        n = sum(int(b.mask.sum()) for b in stream.epoch(epoch))
+        best = min(best, time.perf_counter() - started)
+    return n / best
 
 
-def probe_metrics(store: Store, probe: str, layers: list[int], epochs: int, runs: Path) -> dict:
+def probe_metrics(store: Store, probe: str, layers: list[int], epochs: int, runs: Path, metric: str | None) -> dict:
     grid = Grid(probe, downcasts=(8,), seeds=(0, 1, 2), epochs=epochs)
-    run = train_run(store, TrainOptions(probe=probe, grid=grid, layers=layers, runs_dir=str(runs), progress=False))
+    run = train_run(store, TrainOptions(probe=probe, grid=grid, layers=layers, runs_dir=str(runs), progress=False,
+                                        metric=metric))
     metrics = json.loads((run / "metrics.json").read_text())
     name = metrics["metric"]
     values = [s["test"][name] for s in metrics["seeds"]]
@@ -106,14 +113,19 @@ def main() -> None:
     ap.add_argument("--tiers", default=None, help="comma-separated tier names (lossless is always first)")
     ap.add_argument("--layers", default=None, help="probe layers, e.g. 4,8,16 (default: quick 8,16,24)")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--no-probes", action="store_true", help="bytes, errors, extract and loader ratios only")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
-    data_dir = args.data_dir
-    if args.dataset == "toxicchat" and data_dir is None:
-        data_dir = str(SHARED_DATA / "toxicchat")
-        if not Path(data_dir).is_dir():
-            print(f"skipped: {data_dir} is absent (see ../shared/data/README.md)")
+    source = {"dataset": args.dataset, "data_dir": args.data_dir}
+    metric = None  # the train default: accuracy for sentiment labels
+    if args.dataset == "toxicchat":  # the carve of bench/results.py: the official test file is held back here
+        csv = Path(args.data_dir or SHARED_DATA / "toxicchat") / "toxicchat0124_human_train.csv"
+        if not csv.is_file():
+            print(f"skipped: {csv} is absent (see ../shared/data/README.md)")
             return
+        source = {"dataset": f"csv:{csv}", "text_col": "user_input", "label_col": "toxicity", "id_col": "conv_id",
+                  "prompt_format": "chat", "max_tokens": 128}
+        metric = "f1"
     limit = args.limit or (300 if args.quick else 1000)
     tiers = args.tiers.split(",") if args.tiers else (QUICK_TIERS if args.quick else TIERS)
     tiers = ["lossless", *[t for t in tiers if t != "lossless"]]
@@ -124,8 +136,8 @@ def main() -> None:
     try:
         stores: dict[str, Store] = {}
         for tier in tiers:
-            config = ExtractConfig(dataset=args.dataset, data_dir=data_dir, limit=limit, model=args.model,
-                                   dtype="bf16", device="cpu", root=str(root / "stores"), progress=False, tier=tier)
+            config = ExtractConfig(**source, limit=limit, model=args.model, dtype="bf16", device="cpu",
+                                   root=str(root / "stores"), progress=False, tier=tier)
             started = time.perf_counter()
             stores[tier] = open_store(extract(config).store_path)
             seconds = time.perf_counter() - started
@@ -145,8 +157,8 @@ def main() -> None:
                 r["error"] = reconstruction(stores["lossless"], stores[tier])
             r["loader_tokens_per_s"] = loader_tokens_per_second(stores[tier], layers)
             r["loader_ratio"] = r["loader_tokens_per_s"] / results["lossless"]["loader_tokens_per_s"]
-            for probe in ("scoring", "mha"):
-                r[probe] = probe_metrics(stores[tier], probe, layers, epochs, root / "runs")
+            for probe in () if args.no_probes else ("scoring", "mha"):
+                r[probe] = probe_metrics(stores[tier], probe, layers, epochs, root / "runs", metric)
             print(json.dumps({tier: {k: v for k, v in r.items() if k != "error"}}, default=float), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)  # stores are large: never leave them behind
@@ -164,7 +176,7 @@ def print_table(results: dict, args, limit: int, layers: list[int], epochs: int)
         e = r.get("error")
         err = ("0", "0", "0") if e is None else (f"{e['rel_rms_median']:.4f}/{e['rel_rms_max']:.4f}",
                                                  f"{e['token_rel_mean']:.4f}", f"{e['max_abs']:.3g}")
-        probes = [f"{r[p]['mean']:.4f} ± {r[p]['std']:.4f}" for p in ("scoring", "mha")]
+        probes = [f"{r[p]['mean']:.4f} ± {r[p]['std']:.4f}" if p in r else "-" for p in ("scoring", "mha")]
         print(" | ".join([tier, f"{r['hidden_bytes_per_token']:,.0f}", f"{r['bytes_ratio_vs_lossless']:.2f}x", *err,
                           f"{r['extract_overhead']:.2f}x", f"{r['loader_ratio']:.2f}x", *probes]))
 

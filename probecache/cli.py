@@ -160,8 +160,8 @@ def extract(
         typer.Option(
             rich_help_panel="Store",
             help="How hidden states are stored: lossless (default), mantissa-K (K = 0..6 bf16 mantissa bits), "
-            "fp8-e4m3, fp8-e5m2 or int8 (8-bit codes + scales). Lossy tiers trade bytes for error: see "
-            "docs/BENCHMARKS.md 'Storage tiers'. Changes the store id.",
+            "fp8-e4m3, fp8-e5m2 or intK (K = 4..8: int8 codes in +-(2^(K-1)-1), per-token scales). Lossy tiers "
+            "trade bytes for error: see docs/BENCHMARKS.md 'Storage tiers'. Changes the store id.",
         ),
     ] = ExtractConfig.tier,
     mantissa_bits: Annotated[

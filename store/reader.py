@@ -88,7 +88,7 @@ class Store:
 
     @cached_property
     def tier(self) -> Tier:
-        """How ``hidden`` is stored (store/tiers.py): lossless, mantissa-K, fp8-e4m3, fp8-e5m2 or int8."""
+        """How ``hidden`` is stored (store/tiers.py): lossless, mantissa-K, fp8-e4m3, fp8-e5m2 or intK."""
         return store_tier(self.info)
 
     @property
@@ -230,7 +230,7 @@ class Store:
         ``n_tokens`` locate an example there; ``stop=None``: to the end): (L', stop - start, d). One contiguous
         read per run of consecutive layers. ``decode=False`` returns the stored numpy values (bf16 as uint16
         bits; decode later with ``store.codecs.from_storage``), e.g. to hold them compactly in a buffer; for an
-        fp8/int8 tier those are the values its codes decode to, in that same form."""
+        fp8/intK tier those are the values its codes decode to, in that same form."""
         array = self.segment_array(segment, "hidden")
         block = self._read_runs(lambda sl: array[sl, start:stop], layers, axis=0)
         if self.tier.quantized:  # 8-bit codes -> the logical dtype's stored form, so decode=False callers see no tier

@@ -6,7 +6,7 @@ Arrays (T_seg = total real tokens of the shard's examples, N_seg = its examples,
     last    (N_seg, L+1, d)  the last token's state (same dtype as hidden)
     logits  (N_seg, V)       optional next-token logits at the last prompt position
     token_ids (T_seg,)       optional int32 token ids, aligned with hidden's token axis (--store-token-ids)
-    hidden_scale             fp8/int8 tiers only: the scales that decode ``hidden``'s 8-bit codes (store/tiers.py)
+    hidden_scale             fp8/intK tiers only: the scales that decode ``hidden``'s 8-bit codes (store/tiers.py)
 
 Every array names its dimensions (zarr v3 ``dimension_names``: xarray and other tools need them) and the group's
 attributes say what the values mean (``SEGMENT_FORMAT``), so a segment can be read without probecache.
@@ -51,7 +51,7 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
     "logits": ("example", "vocab"),
     "token_ids": ("token",),
 }
-SCALE_DIMENSIONS = {"fp8": ("layer", "token_block", "channel"), "int8": ("layer", "token")}
+SCALE_DIMENSIONS = {"fp8": ("layer", "token_block", "channel"), "int": ("layer", "token")}
 # The same key encoding zarr uses by default for v3, declared so that the shard keys the writer computes
 # (chunk_key) are the spec's, whatever a future zarr's default is
 CHUNK_KEY_ENCODING = {"name": "default", "separator": "/"}
@@ -163,7 +163,7 @@ class SegmentWriter:
         # the buffer holds values in the logical dtype; a quantized tier encodes each full block at flush
         if self._tier.kind == "fp8":  # (L+1, n_blocks, d): one row per zarr shard
             self._scale = np.ones((s.n_layers, -(-self._tokens // BLOCK_TOKENS), s.hidden_size), dtype=np.float32)
-        elif self._tier.kind == "int8":  # (L+1, T_seg): one per token
+        elif self._tier.kind == "int":  # (L+1, T_seg): one per token
             self._scale = np.ones((s.n_layers, self._tokens), dtype=np.float32)
         else:
             self._scale = None
@@ -264,7 +264,7 @@ class SegmentWriter:
         for name, data in whole.items():
             rows = TOKEN_IDS_PER_CHUNK if name == "token_ids" else 64
             chunks = (min(rows, max(len(data), 1)), *data.shape[1:])
-            if name == SCALE_ARRAY and self._tier.kind == "int8":  # (L+1, T): chunked on tokens, read per range
+            if name == SCALE_ARRAY and self._tier.kind == "int":  # (L+1, T): chunked on tokens, read per range
                 chunks = (data.shape[0], min(TOKEN_IDS_PER_CHUNK, data.shape[1]))
             logical = {"mean": "float32", "token_ids": "int32", SCALE_ARRAY: "float32"}.get(name, s.logical_dtype)
             dims = SCALE_DIMENSIONS[self._tier.kind] if name == SCALE_ARRAY else DIMENSIONS[name]

@@ -19,7 +19,7 @@ from probecache.store.tiers import SCALE_ARRAY, dequantize, parse_tier, scale_ro
 from probecache.store.verify import verify_store
 from probecache.train.loaders import TokenStream, load_pooled
 
-QUANTIZED = ["fp8-e4m3", "fp8-e5m2", "int8"]
+QUANTIZED = ["fp8-e4m3", "fp8-e5m2", "int8", "int7"]
 
 
 def within_bound(tier: str, exact: np.ndarray, got: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -30,7 +30,7 @@ def within_bound(tier: str, exact: np.ndarray, got: np.ndarray, scale: np.ndarra
         bound = 2.0**-4 * np.abs(x) + scale * 2.0**-10
     elif tier == "fp8-e5m2":
         bound = 2.0**-3 * np.abs(x) + scale * 2.0**-17
-    elif tier == "int8":
+    elif tier.startswith("int"):
         bound = scale / 2
     else:  # mantissa-K
         bound = 2.0 ** -(int(tier.split("-")[1]) + 1) * np.abs(x)
@@ -47,8 +47,9 @@ def block_scales(tier: str, exact: np.ndarray) -> np.ndarray:
         for b in range(0, T, 1024):
             out[:, b : b + 1024] = np.abs(exact[:, b : b + 1024]).max(axis=1, keepdims=True) / top
         return out
-    if tier == "int8":
-        return np.broadcast_to(np.abs(exact).max(axis=2, keepdims=True) / 127, exact.shape)
+    if tier.startswith("int"):
+        top = parse_tier(tier).int_max
+        return np.broadcast_to(np.abs(exact).max(axis=2, keepdims=True) / top, exact.shape)
     return np.zeros_like(exact)
 
 
@@ -57,7 +58,7 @@ def block_scales(tier: str, exact: np.ndarray) -> np.ndarray:
 
 def test_tier_names_parse_and_bad_ones_say_what_is_valid():
     assert parse_tier("FP8-E4M3").name == "fp8-e4m3" and parse_tier("mantissa-0").mantissa_bits == 0
-    for bad in ("fp4", "mantissa-7", "int4", ""):
+    for bad in ("fp4", "mantissa-7", "int3", "int9", ""):
         with pytest.raises(ValueError, match="lossless, mantissa-K"):
             parse_tier(bad)
 
@@ -111,7 +112,7 @@ def test_a_lossy_store_reads_through_every_api_and_verifies(extract_config, tier
     stored = lossy.read_tokens(segment, 3, 40, layers="1-2", decode=False)  # (2, 37, d) bf16 bits, decoded codes
     assert stored.dtype == np.uint16 and stored.shape[:2] == (2, 37)
     assert torch.equal(lossy.read_tokens(segment, 3, 40, layers="1-2"), lossy.read_tokens(segment)[1:3, 3:40])
-    assert lossy.segment_array(segment).dtype == (np.int8 if tier == "int8" else np.uint8)
+    assert lossy.segment_array(segment).dtype == (np.int8 if tier.startswith("int") else np.uint8)
     assert lossy.segment_array(segment, SCALE_ARRAY).dtype == np.float32
     # the train loaders buffer decode=False values and decode them later: same batches as decoding at once
     batches = list(TokenStream(lossy, "train", layers=[1], batch_size=4, seed=0).epoch(0))
@@ -157,7 +158,7 @@ def test_smollm2_has_the_massive_channel_the_scales_must_survive(smollm2_states)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tier", [*QUANTIZED, "mantissa-0", "mantissa-3"])
+@pytest.mark.parametrize("tier", [*QUANTIZED, "int4", "mantissa-0", "mantissa-3"])
 def test_each_codec_round_trips_within_its_bound_on_smollm2(smollm2_states, tier, tmp_path):
     _, _, bits = smollm2_states
     exact = bf16_bits_to_float32(bits)  # (L, T, d)
@@ -184,7 +185,7 @@ def test_each_codec_round_trips_within_its_bound_on_smollm2(smollm2_states, tier
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tier", ["fp8-e4m3", "int8"])
+@pytest.mark.parametrize("tier", ["fp8-e4m3", "int7"])
 def test_a_lossy_smollm2_store_matches_the_lossless_one_within_bound(smollm2_states, tier):
     config, exact, bits = smollm2_states
     lossy = open_store(extract(ExtractConfig(**{**config, "tier": tier})).store_path)
