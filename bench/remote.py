@@ -114,7 +114,7 @@ def run(args, server: Server, work: Path) -> None:
     import zarr
     from probecache.store.codecs import from_storage
     from probecache.store.reader import open_store
-    from probecache.store.remote import REQUESTS, LocalRoot, open_root
+    from probecache.store.roots import REQUESTS, LocalRoot, open_root
     from probecache.store.transfer import TransferReport, committed_parts, copy_header, copy_shard
 
     torch.set_num_threads(1)

@@ -19,7 +19,8 @@ from probecache.lm.models import load_model, resolve_dtype
 from probecache.lm.tokens import pad_token_id
 from probecache.store.layout import new_attempt_id
 from probecache.store.lease import LeaseKeeper
-from probecache.store.remote import LocalRoot, is_remote
+from probecache.store.remote import is_remote
+from probecache.store.roots import LocalRoot
 from tqdm.auto import tqdm
 
 from .errors import ExtractError, Interrupted

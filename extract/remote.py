@@ -35,7 +35,8 @@ from probecache.manifests.schema import PART_NAME
 from probecache.store.errors import StoreError
 from probecache.store.layout import StoreLayout
 from probecache.store.lease import LeaseKeeper
-from probecache.store.remote import LocalRoot, ObjectRoot, parse_url
+from probecache.store.remote import parse_url
+from probecache.store.roots import LocalRoot, ObjectRoot
 from probecache.store.status import parse_segment
 from probecache.store.transfer import (
     DamagedSource,

@@ -12,8 +12,9 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from probecache.store.remote import LocalRoot, writable_root
+from probecache.store.remote import writable_root
 from probecache.store.repair import set_aside_broken_parts
+from probecache.store.roots import LocalRoot
 
 from .config import ExtractConfig
 from .jobs import open_job, remote_sync, run_shards

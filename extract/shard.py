@@ -23,7 +23,7 @@ from probecache.store.codecs import bf16_bits_to_float32, round_mantissa, to_sto
 from probecache.store.faults import crash_point
 from probecache.store.layout import StoreLayout, new_attempt_id
 from probecache.store.lease import LeaseKeeper
-from probecache.store.remote import LocalRoot
+from probecache.store.roots import LocalRoot
 from probecache.store.segment import SegmentShape, SegmentWriter
 from probecache.store.shard_commit import commit_shard
 

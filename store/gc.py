@@ -51,8 +51,9 @@ from probecache.manifests.schema import part_stats
 from .commit import TEMP_NAME
 from .errors import StoreError
 from .lease import LEASE_TTL_SECONDS, LEASES, read_lease, writer_alive
-from .remote import DELETING, LEGACY_DELETING, ObjectInfo, Root, clean_key
+from .remote import clean_key
 from .repair import BROKEN_NAME
+from .roots import DELETING, LEGACY_DELETING, ObjectInfo, Root
 from .scan import committed_parts, deleting_target, open_store_root, parse_segment
 from .status import format_duration
 from .verify import verify_store

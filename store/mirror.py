@@ -35,7 +35,8 @@ from probecache.manifests.schema import PART_NAME, committed_part_files
 from .errors import StoreError
 from .header import parse_header
 from .integrity import crc32c_hex
-from .remote import LocalRoot, ObjectRoot, Root, cache_dir, check_store_name, location_digest, parse_url
+from .remote import cache_dir, check_store_name, location_digest, parse_url
+from .roots import LocalRoot, ObjectRoot, Root
 from .transfer import check_fetched
 from .verified import CheckedFiles, FileRecord, VerifiedSegmentStore
 

@@ -37,7 +37,8 @@ from .header import label_name_mismatch, read_header
 from .layers import Layers, layer_runs, select_layers
 from .layout import StoreLayout
 from .mirror import Mirror
-from .remote import Location, check_store_name, clean_key, open_root, parse_root
+from .remote import Location, check_store_name, clean_key, parse_root
+from .roots import open_root
 from .tiers import SCALE_ARRAY, Tier, dequantize, scale_rows, store_tier
 from .verified import CheckedFiles, FileRecord, VerifiedSegmentStore
 

@@ -29,7 +29,7 @@ from pathlib import PurePosixPath
 from probecache.manifests.schema import ManifestError, part_file_name, read_part
 
 from .layout import new_attempt_id
-from .remote import DELETING, LEGACY_DELETING, Root
+from .roots import DELETING, LEGACY_DELETING, Root
 from .scan import committed_parts, parse_segment
 
 BROKEN_PREFIX = ".probecache-broken-part-"

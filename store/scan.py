@@ -21,7 +21,7 @@ from probecache.manifests.schema import PART_NAME
 
 from .errors import StoreError
 from .header import parse_header
-from .remote import DELETING, LEGACY_DELETING, ObjectInfo, Root, open_root
+from .roots import DELETING, LEGACY_DELETING, ObjectInfo, Root, open_root
 
 # shard-00042-20250101T120000-0123abcd, exactly what the writer names an attempt (layout.segment_name): the
 # shard number is zero-padded to 5 digits but may grow beyond. Matched whole (fullmatch: `$` would accept a

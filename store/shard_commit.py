@@ -23,7 +23,7 @@ from probecache.manifests.schema import part_file_name
 
 from .faults import crash_point
 from .lease import LeaseKeeper
-from .remote import Root
+from .roots import Root
 from .verified import FileRecord
 
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 from probecache.manifests.schema import part_stats
 
 from .lease import read_lease
-from .remote import ObjectInfo, Root
+from .roots import ObjectInfo, Root
 from .scan import Attempt, committed_parts, open_store_root, parse_segment, segment_attempts
 
 DEFAULT_STALE_AFTER = 6 * 3600.0

@@ -36,7 +36,8 @@ from .errors import StoreError
 from .header import parse_header
 from .integrity import crc32c_hex, plan_digest
 from .lease import LeaseKeeper
-from .remote import LocalRoot, Root, check_store_name, clean_key, open_root
+from .remote import check_store_name, clean_key
+from .roots import LocalRoot, Root, open_root
 from .scan import committed_parts, parse_segment
 from .shard_commit import commit_shard
 

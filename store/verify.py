@@ -37,8 +37,9 @@ from .errors import StoreError
 from .header import SEAL, label_name_mismatch
 from .integrity import plan_digest
 from .lease import LEASES
-from .remote import ObjectInfo, Root, clean_key
+from .remote import clean_key
 from .repair import BROKEN_NAME, record_damage
+from .roots import ObjectInfo, Root
 from .scan import deleting_target, open_store_root, parse_segment, segment_attempts, segment_objects
 
 _PART_COLUMNS = ("example_id", "shard_id", "segment", "token_offset", "n_tokens", "row")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from probecache.manifests.schema import part_stats
-from probecache.store.remote import open_root
+from probecache.store.roots import open_root
 from typer.testing import CliRunner
 
 from probecache.cli import app

@@ -18,7 +18,7 @@ from probecache.extract.launchers import LaunchConfig
 from probecache.extract.run import extract
 from probecache.store.gc import gc_store
 from probecache.store.reader import open_store
-from probecache.store.remote import open_root
+from probecache.store.roots import open_root
 from probecache.store.transfer import committed_parts
 from probecache.store.verify import verify_store
 

@@ -14,7 +14,8 @@ from probecache.store.errors import StoreError
 from probecache.store.gc import gc_store
 from probecache.store.lease import LEASE_TTL_SECONDS, LeaseKeeper, lease_key
 from probecache.store.reader import open_store
-from probecache.store.remote import LocalRoot, ObjectRoot, open_root, parse_url
+from probecache.store.remote import parse_url
+from probecache.store.roots import LocalRoot, ObjectRoot, open_root
 from probecache.store.transfer import TransferReport, copy_header, copy_shard, push
 from probecache.store.verify import verify_store
 

@@ -11,7 +11,7 @@ import torch
 from probecache.store.errors import StoreError
 from probecache.store.mirror import parse_size
 from probecache.store.reader import list_stores, open_store
-from probecache.store.remote import REQUESTS, open_root
+from probecache.store.roots import REQUESTS, open_root
 from probecache.store.transfer import push
 from probecache.train.loaders import TokenStream, load_pooled
 from typer.testing import CliRunner

@@ -11,13 +11,10 @@ import pytest
 from probecache.store.errors import StoreError
 from probecache.store.reader import list_stores, open_store
 from probecache.store.remote import (
-    LocalRoot,
     Location,
-    ObjectRoot,
     clean_key,
     is_remote,
     local_path,
-    open_root,
     parse_root,
     parse_url,
     repair_url,
@@ -26,6 +23,7 @@ from probecache.store.remote import (
     store_root,
     writable_root,
 )
+from probecache.store.roots import LocalRoot, ObjectRoot, open_root
 
 
 def test_parse_urls():

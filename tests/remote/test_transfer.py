@@ -9,7 +9,7 @@ import torch
 from probecache.manifests.schema import part_stats
 from probecache.store.errors import StoreError
 from probecache.store.reader import open_store
-from probecache.store.remote import ObjectRoot, open_root
+from probecache.store.roots import ObjectRoot, open_root
 from probecache.store.transfer import committed_parts, pull, push
 from probecache.store.verify import verify_store
 

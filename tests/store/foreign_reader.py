@@ -14,6 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
+
+class _WithoutProbecache:
+    """This interpreter behaves like a venv holding only third-party packages: importing probecache fails (a
+    library that imported it behind our back would fail here too, not just be noticed at the end)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "probecache" or name.startswith("probecache."):
+            raise ModuleNotFoundError(f"No module named {name!r} (a foreign reader must not need it)")
+        return None
+
+
+sys.meta_path.insert(0, _WithoutProbecache())
+
 PART = re.compile(r"part-(\d{5,})\.parquet")  # the only commit records; other names in manifests/ are not parts
 COLUMNS = ["example_id", "split", "label", "shard_id", "segment", "token_offset", "n_tokens", "row"]
 

@@ -552,7 +552,7 @@ def _write_lease(store: Path, segment: str, heartbeat: float, holder: dict | Non
 
 def test_gc_never_deletes_a_leased_segment_whatever_older_than(store):
     from probecache.store.lease import LeaseKeeper
-    from probecache.store.remote import LocalRoot
+    from probecache.store.roots import LocalRoot
 
     orphan = _fake_segment(store)
     keeper = LeaseKeeper(LocalRoot(store))
@@ -586,7 +586,7 @@ def test_a_lease_from_another_machine_expires_after_its_ttl(store):
 
 def test_a_lease_whose_holder_died_on_this_machine_is_stale_at_once(store):
     orphan = _fake_segment(store)
-    code = ("import os, sys; from probecache.store.lease import LeaseKeeper; from probecache.store.remote import "
+    code = ("import os, sys; from probecache.store.lease import LeaseKeeper; from probecache.store.roots import "
             f"LocalRoot; LeaseKeeper(LocalRoot({str(store)!r})).hold({orphan.name!r}); os._exit(0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
     assert (store / "leases" / f"{orphan.name}.json").is_file()  # a killed attempt leaves its lease behind
@@ -729,7 +729,7 @@ def test_verify_quick_mode_checks_sizes_not_bytes(store):
 
 def test_status_reads_leases_a_live_holder_is_running_a_dead_one_stale(store):
     from probecache.store.lease import LeaseKeeper
-    from probecache.store.remote import LocalRoot
+    from probecache.store.roots import LocalRoot
 
     segment = _segment(store, 2)
     _part(store, 2).unlink()  # shard 2 uncommitted; its attempt's folder is fresh (just written)

@@ -13,7 +13,7 @@ from probecache.store.errors import StoreError
 from probecache.store.gc import gc_store
 from probecache.store.integrity import crc32c_hex
 from probecache.store.reader import list_stores, open_store
-from probecache.store.remote import open_root
+from probecache.store.roots import open_root
 from probecache.store.status import store_status
 from probecache.store.transfer import push
 from probecache.store.verify import verify_store
