@@ -358,7 +358,7 @@ class StoreReader:
         parts = []
         for segment, offset, n in self._rows:
             if segment not in blocks:  # one read per segment: the layer's inner chunks only
-                blocks = {segment: np.asarray(self.store._group(segment)["hidden"][layer])}  # (T_seg, d)
+                blocks = {segment: self.store.read_tokens(segment, layers=[layer], decode=False)[0]}  # (T_seg, d)
             parts.append(blocks[segment][offset : offset + n])
         return from_storage(np.concatenate(parts), self.store.logical_dtype)  # (tokens, d)
 

@@ -119,7 +119,7 @@ def one_example_reads(store, max_examples: int = 32, max_tokens: int = 4096) -> 
             break
         rows.append(row)
         tokens += row[3]
-    chunk = store._group(rows[0][1])["hidden"].chunks[1]
+    chunk = store.segment_array(rows[0][1], "hidden").chunks[1]
     store.hidden(rows[0][0])  # the manifest index and the first segment's metadata, once
     passes = []
     for _ in range(2):  # the files were just written: both passes read from the page cache

@@ -194,7 +194,7 @@ def test_parallel_encoding_writes_byte_identical_segments(extract_config, tmp_pa
 
 
 def test_encode_threads_default_to_none_on_cpu_and_idle_cores_on_a_gpu(monkeypatch):
-    from probecache.extract.run import encode_threads_for
+    from probecache.extract.jobs import encode_threads_for
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert encode_threads_for(None, "cpu") == 0 and encode_threads_for(None, "cuda:0") == 15
