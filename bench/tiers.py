@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--tiers", default=None, help="comma-separated tier names (lossless is always first)")
     ap.add_argument("--layers", default=None, help="probe layers, e.g. 4,8,16 (default: quick 8,16,24)")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--epochs", type=int, default=None, help="probe epochs (default: quick 3, else 10)")
     ap.add_argument("--no-probes", action="store_true", help="bytes, errors, extract and loader ratios only")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -130,11 +131,15 @@ def main() -> None:
     tiers = args.tiers.split(",") if args.tiers else (QUICK_TIERS if args.quick else TIERS)
     tiers = ["lossless", *[t for t in tiers if t != "lossless"]]
     layers = [int(v) for v in (args.layers or ("8,16,24" if args.quick else "4,8,12,16,24")).split(",")]
-    epochs = 3 if args.quick else 10
+    epochs = args.epochs or (3 if args.quick else 10)
     root = Path(tempfile.mkdtemp(prefix="tiers-"))
     results: dict[str, dict] = {}
     try:
         stores: dict[str, Store] = {}
+        # warm-up: the first extraction in a process pays one-off costs (imports, allocator, page cache) that
+        # made lossless, always first, look slower than every lossy tier after it
+        extract(ExtractConfig(**source, limit=min(limit, 64), model=args.model, dtype="bf16", device="cpu",
+                              root=str(root / "warm-up"), progress=False))
         for tier in tiers:
             config = ExtractConfig(**source, limit=limit, model=args.model, dtype="bf16", device="cpu",
                                    root=str(root / "stores"), progress=False, tier=tier)

@@ -26,6 +26,7 @@ Readers get the logical dtype back (bf16 values rounded to nearest from the floa
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -141,13 +142,19 @@ def quantize(stored: np.ndarray, logical: str, tier: Tier) -> tuple[np.ndarray, 
     raise ValueError(f"tier {tier.name} stores values, not codes")
 
 
+@functools.cache
+def _fp8_table(name: str) -> np.ndarray:
+    """float32 value of each of the 256 fp8 bit patterns: a gather decodes ~3x faster than ml_dtypes' cast."""
+    return np.arange(256, dtype=np.uint8).view(_FP8[name]).astype(np.float32)
+
+
 def dequantize(codes: np.ndarray, scale: np.ndarray, start: int, logical: str, tier: Tier) -> np.ndarray:
     """Codes of tokens [start, start + n) (L', n, d) and the scale rows covering them -> the logical dtype's stored
     form (L', n, d). ``scale`` is fp8's (L', blocks from start // 1024, d) or int8's (L', n)."""
     n = codes.shape[1]
     if tier.kind == "fp8":
         block = (np.arange(start, start + n) // BLOCK_TOKENS) - start // BLOCK_TOKENS  # (n,) block of each token
-        values = codes.view(_FP8[tier.name]).astype(np.float32) * scale[:, block, :]  # (L', n, d)
+        values = _fp8_table(tier.name)[codes] * scale[:, block, :]  # (L', n, d)
     elif tier.kind == "int":
         values = codes.astype(np.float32) * scale[:, :, None]  # (L', n, d)
     else:

@@ -123,6 +123,24 @@ def test_a_lossy_store_reads_through_every_api_and_verifies(extract_config, tier
     assert load_pooled(lossy, "train").x.shape[0] == sum(len(b) for b in batches)
 
 
+@pytest.mark.parametrize("tier", ["fp8-e4m3", "int7"])
+def test_the_documented_foreign_decoding_matches_the_reader(extract_config, tier):
+    """docs/STORE_FORMAT.md "Read it without probecache": zarr + ml_dtypes only, the attributes and the formula."""
+    import ml_dtypes
+
+    store = open_store(extract(extract_config(dtype="bf16", tier=tier)).store_path)
+    for segment in store.segments():
+        hidden, scale = store.segment_array(segment), store.segment_array(segment, SCALE_ARRAY)
+        assert hidden.attrs["tier"] == tier and "hidden_scale" in hidden.attrs["decoding"]
+        codes, s = hidden[:], scale[:]
+        t = np.arange(codes.shape[1])
+        if tier.startswith("fp8"):
+            h = codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32) * s[:, t // 1024, :]
+        else:
+            h = codes.astype(np.float32) * s[:, t, None]
+        assert np.array_equal(h.astype(ml_dtypes.bfloat16).view(np.uint16), store.read_tokens(segment, decode=False))
+
+
 def test_store_info_names_the_tier(extract_config):
     from typer.testing import CliRunner
 
