@@ -8,7 +8,9 @@
   each segment's ``hidden`` is read whole (the token range spanning the split's examples) with one contiguous
   layer slice per run of consecutive layers, split into examples, and pushed into a shuffle buffer bounded
   by ``buffer_tokens`` real tokens, from which examples are drawn in a seeded random order and padded into
-  batches to the batch's own longest example.
+  batches to the batch's own longest example. The segment reads of an epoch run ahead on a background thread
+  (``prefetch`` segments, train/prefetch.py) while the consumer keeps the serial order, so the batches are
+  identical with or without it.
 
 Only the manifest is filtered by split; segments without examples of the split are never opened. zarr
 integer-list selection (~40x slower than a slice) is never used. This module imports neither
@@ -30,6 +32,7 @@ from probecache.store.layers import Layers
 from probecache.store.reader import Store, open_store
 
 from .errors import TrainError
+from .prefetch import read_ahead
 
 _MANIFEST_COLUMNS = ["example_id", "label", "n_tokens", "segment", "token_offset", "row"]
 
@@ -129,8 +132,17 @@ class TokenStream:
     Memory bound: the buffer holds at most ``buffer_tokens`` tokens plus one segment's tokens, stored as
     ``buffer_tokens x L' x d x bytes per stored value`` (2 B for bf16/fp16, 4 B for fp32) plus one segment
     being read (L' x T_segment x d values; held twice while it is split into examples), plus the batch being
-    assembled (B x L' x T_max x d in ``dtype``). ``peak_buffered_tokens`` records the largest token count
-    the buffer reached (after a segment's examples were pushed, before any draw).
+    assembled (B x L' x T_max x d in ``dtype``), plus ``prefetch`` segments read ahead (each L' x T_segment
+    x d stored values, held twice while being split; 0 with ``prefetch=0``). ``peak_buffered_tokens``
+    records the largest token count the buffer reached (after a segment's examples were pushed, before any
+    draw).
+
+    Prefetch: with ``prefetch`` >= 1 (default 2) the epoch's segment reads (order known up front from
+    ``segment_order``) run up to ``prefetch`` segments ahead on ``prefetch_threads`` background threads
+    (default: the host's cores less one, at least 1, at most ``prefetch``); examples enter the buffer in the
+    serial order, so the batches are identical to ``prefetch=0`` (reads on the consuming thread). A failed
+    read raises its own error where the serial read would; closing or abandoning the epoch's iterator shuts
+    the threads down.
 
     Batches are padded (zeros, at the end) to their own longest example; ``dtype`` is the batch dtype
     (float32 by default; None keeps the stored dtype, e.g. bfloat16). ``ids`` keeps only those examples of
@@ -140,11 +152,14 @@ class TokenStream:
     def __init__(self, store: Store | str | Path, split: str | Sequence[str] | None, layers: Layers = None,
                  batch_size: int = 32, shuffle: bool = True, seed: int = 0, buffer_tokens: int = 65536,
                  dtype: torch.dtype | None = torch.float32, drop_last: bool = False,
-                 ids: Collection[str] | None = None):
+                 ids: Collection[str] | None = None, prefetch: int = 2, prefetch_threads: int | None = None):
         if batch_size < 1:
             raise TrainError(f"--batch-size must be a positive integer, got {batch_size}")
         if buffer_tokens < 0:
             raise TrainError(f"--buffer-tokens must be >= 0, got {buffer_tokens}")
+        if prefetch < 0 or (prefetch_threads is not None and prefetch_threads < 1):
+            raise TrainError(f"prefetch must be >= 0 segments and prefetch_threads >= 1, got {prefetch} and "
+                             f"{prefetch_threads}")
         self.store = _as_store(store)
         self.split = split
         self.layers = self.store.select_layers(layers)
@@ -155,6 +170,7 @@ class TokenStream:
         self.logical_dtype = self.store.logical_dtype
         self.dtype = LOGICAL_DTYPES[self.logical_dtype][0] if dtype is None else dtype
         self.drop_last = drop_last
+        self.prefetch, self.prefetch_threads = prefetch, prefetch_threads
         self.label_names: list[str] = list(self.store.label_names)
         self.peak_buffered_tokens = 0
         self._next_epoch = 0
@@ -218,16 +234,22 @@ class TokenStream:
             buffered -= item[0].n_tokens
             return item
 
-        for index in order:
-            if not self.shuffle:  # manifest order: nothing to mix, no buffer
-                yield from self._read_segment(names[index])
-                continue
-            for item in self._read_segment(names[index]):
-                buffer.append(item)
-                buffered += item[0].n_tokens
-            self.peak_buffered_tokens = max(self.peak_buffered_tokens, buffered)
-            while buffered > self.buffer_tokens:
-                yield draw()
+        # the reads (maybe ahead, on other threads) never touch rng: draws see the serial sequence of pushes
+        segments = read_ahead(self._read_segment, [names[i] for i in order], self.prefetch, self.prefetch_threads)
+        try:
+            for examples in segments:
+                if not self.shuffle:  # manifest order: nothing to mix, no buffer
+                    yield from examples
+                    continue
+                for item in examples:
+                    buffer.append(item)
+                    buffered += item[0].n_tokens
+                del examples  # only the buffer holds them now (the memory bound counts them once)
+                self.peak_buffered_tokens = max(self.peak_buffered_tokens, buffered)
+                while buffered > self.buffer_tokens:
+                    yield draw()
+        finally:
+            segments.close()  # an epoch left early stops its reader threads now, not at garbage collection
         while buffer:
             yield draw()
 
@@ -250,10 +272,14 @@ class TokenStream:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch; the same (seed, epoch) always gives the same batches."""
         pending: list[tuple[_Example, np.ndarray]] = []
-        for item in self._samples(epoch):
-            pending.append(item)
-            if len(pending) == self.batch_size:
-                yield self._collate(pending)
-                pending = []
+        samples = self._samples(epoch)
+        try:
+            for item in samples:
+                pending.append(item)
+                if len(pending) == self.batch_size:
+                    yield self._collate(pending)
+                    pending = []
+        finally:
+            samples.close()  # closing this iterator closes the reader's threads too
         if pending and not self.drop_last:
             yield self._collate(pending)

@@ -6,15 +6,19 @@ the extractor on the tiny random Llama (L+1 = 4 layers, d = 64).
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
+from probecache.store.errors import StoreError
 from probecache.store.layers import LayerSelectionError
 from probecache.store.reader import open_store
 from probecache.train.errors import TrainError
 from probecache.train.loaders import Batch, PooledData, TokenStream, load_pooled
+from probecache.train.prefetch import THREAD_PREFIX
 
 SPLITS = {"train": 20, "validation": 5, "test": 5}
 LAYER_CHOICES = [None, [0, 2, 3], [1], [3, 1]]
@@ -194,3 +198,75 @@ def test_only_segments_of_the_split_are_opened(store):
     list(TokenStream(fresh, "test", batch_size=2).epoch(0))
     load_pooled(fresh, "test", kind="last")
     assert set(fresh._groups) == wanted
+
+
+# ---- prefetching reader (train/prefetch.py) ---------------------------------------------------------------
+
+
+def prefetch_threads_alive() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
+
+
+def batches_of(stream: TokenStream, epoch: int) -> list[tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    return [(b.example_ids, b.hidden, b.mask, b.y) for b in stream.epoch(epoch)]
+
+
+@pytest.mark.parametrize("shuffle", [True, False], ids=["shuffled", "manifest-order"])
+@pytest.mark.parametrize("layers", [None, [3, 1]], ids=str)
+@pytest.mark.parametrize(("prefetch", "threads"), [(1, 1), (2, None), (3, 2)])
+def test_prefetch_yields_exactly_the_serial_batches(store, shuffle, layers, prefetch, threads):
+    def stream(**kw):
+        return TokenStream(open_store(store.path), "train", layers=layers, batch_size=3, shuffle=shuffle, seed=5,
+                           buffer_tokens=40, dtype=None, **kw)
+
+    serial, ahead = stream(prefetch=0), stream(prefetch=prefetch, prefetch_threads=threads)
+    readers: set[str] = set()
+    read = ahead._read_segment
+    ahead._read_segment = lambda segment: (readers.add(threading.current_thread().name), read(segment))[1]
+    for e in range(3):
+        want, got = batches_of(serial, e), batches_of(ahead, e)
+        assert [w[0] for w in want] == [g[0] for g in got]  # example ids, batch by batch
+        for w, g in zip(want, got, strict=True):
+            assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(w[1:], g[1:], strict=True))
+    assert readers and all(name.startswith(THREAD_PREFIX) for name in readers)  # the reads did run ahead
+    assert ahead.peak_buffered_tokens == serial.peak_buffered_tokens
+    assert not prefetch_threads_alive()
+
+
+def test_prefetch_default_is_on_and_zero_or_bad_values_are_handled(store):
+    assert TokenStream(store, "validation").prefetch >= 1
+    with pytest.raises(TrainError, match="prefetch must be >= 0"):
+        TokenStream(store, "validation", prefetch=-1)
+    with pytest.raises(TrainError, match="prefetch_threads >= 1"):
+        TokenStream(store, "validation", prefetch_threads=0)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_damaged_segment_raises_the_same_store_error_through_the_prefetching_reader(store, tmp_path, prefetch):
+    copy = shutil.copytree(store.path, tmp_path / store.path.name)
+    reader = open_store(copy)
+    # the last segment of the epoch's order: earlier segments are read (and batches yielded) first
+    stream = TokenStream(reader, "train", batch_size=2, seed=0, buffer_tokens=0, prefetch=prefetch)
+    segment = stream.segment_order(0)[-1]
+    chunk = next(p for p in sorted((copy / "segments" / segment / "hidden" / "c").rglob("*")) if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    seen = []
+    with pytest.raises(StoreError, match=rf"^{copy}/segments/{segment}/hidden/c/\S+ is corrupted \(crc32c differs"):
+        for batch in stream.epoch(0):
+            seen += batch.example_ids
+    assert seen  # the intact segments before it were delivered first, as the serial reader does
+    assert not prefetch_threads_alive()
+
+
+def test_leaving_an_epoch_early_leaves_no_reader_threads(store):
+    stream = TokenStream(open_store(store.path), "train", batch_size=2, seed=0, buffer_tokens=0, prefetch=2)
+    batches = stream.epoch(0)
+    next(batches)
+    assert prefetch_threads_alive()  # reading ahead while the consumer holds the first batch
+    batches.close()
+    assert not prefetch_threads_alive()
+    for _ in stream.epoch(1):  # a for loop left by break: the generator is collected and closed
+        break
+    assert not prefetch_threads_alive()
