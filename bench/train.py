@@ -6,7 +6,9 @@ machines are noisy; ratios of interleaved repeats are not):
   1. loader throughput relative to raw decompression: tokens/s of the training token stream (seeded segment
      order, shuffle buffer, padded bf16 batches of 32) over tokens/s of just decoding the same segments'
      ``hidden`` arrays (zarr read of the split's token range, all layers, nothing else). 1.0 = the loader
-     adds nothing on top of decompression.
+     adds nothing on top of decompression. Side by side: the serial reader (``prefetch=0``: reads on the
+     consuming thread), the prefetching reader 1 and 2 segments ahead on cores - 1 threads
+     (training's default is 1 ahead) and 2 ahead on 2 threads.
   2. read-time verification: loader tokens/s through the normal reader (every file checked against its
      commit record before use, store/verified.py) over tokens/s of the same loader reading the files
      unchecked (as readers did before). 1.0 = the check is free; the target is >= 0.95.
@@ -17,6 +19,7 @@ machines are noisy; ratios of interleaved repeats are not):
 
     python bench/train.py                        # the store of the last `make extract` (.last-store)
     python bench/train.py --store STORE --quick  # 1 repeat, fewer variants
+    python bench/train.py --store STORE --loader-only --repeats 5   # section 1 only
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from probecache.store.reader import Store, open_store  # noqa: E402
 from probecache.train.data import batch_source, labels_of, resolve_splits  # noqa: E402
+from probecache.train.loaders import TokenStream  # noqa: E402
 from probecache.train.probes import ProbeConfig  # noqa: E402
 from probecache.train.sweep import auto_heads  # noqa: E402
 from probecache.train.trainer import TrainConfig, Variant, fit_shared  # noqa: E402
@@ -63,9 +67,15 @@ class UncheckedStore(Store):
         return LocalStore(self.layout.segment(segment), read_only=True)
 
 
-def loader_seconds(store, splits, epoch: int) -> tuple[float, int]:
-    probe = ProbeConfig("scoring", store.n_layers, store.hidden_size, len(store.label_names))
-    source = batch_source(store, splits.train, probe, None, 32, True, seed=0)
+def loader_seconds(store, splits, epoch: int, prefetch: int | None = None,
+                   threads: int | None = None) -> tuple[float, int]:
+    """One epoch of the scoring probe's token batches; ``prefetch`` None: as training builds them."""
+    if prefetch is None:
+        probe = ProbeConfig("scoring", store.n_layers, store.hidden_size, len(store.label_names))
+        source = batch_source(store, splits.train, probe, None, 32, True, seed=0)
+    else:  # the same stream as TokenBatches builds, with the reader chosen here
+        source = TokenStream(store, splits.train.split, batch_size=32, shuffle=True, seed=0, dtype=None,
+                             ids=splits.train.ids, prefetch=prefetch, prefetch_threads=threads)
     started = time.perf_counter()
     tokens = sum(int(b.mask.sum()) for b in source.epoch(epoch))
     return time.perf_counter() - started, tokens
@@ -95,6 +105,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 repeat, K = 2, 1 epoch")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--k", type=int, default=4, help="variants per shared pass")
+    parser.add_argument("--loader-only", action="store_true", help="section 1 only")
     args = parser.parse_args()
     path = args.store or (Path(".last-store").read_text().strip() if Path(".last-store").exists() else None)
     if not path:  # nothing extracted yet: the make extract default store (about a minute)
@@ -109,19 +120,35 @@ def main() -> None:
     print(f"store {store.store_id}: {store.summary()['n_examples']} examples, {store.n_layers} layers x "
           f"d={store.hidden_size}, {repeats} interleaved repeat(s)")
 
-    ratios, raw_rates, loader_rates = [], [], []
-    for r in range(repeats):
-        raw_s, raw_tokens = raw_decode_seconds(store, splits.train.split)
-        load_s, load_tokens = loader_seconds(store, splits, epoch=r)
-        raw_rates.append(raw_tokens / raw_s)
-        loader_rates.append(load_tokens / load_s)
-        ratios.append(loader_rates[-1] / raw_rates[-1])
+    readers = {"serial (prefetch=0)": (0, None), "prefetch 1 ahead, default threads": (1, None),
+               "prefetch 2 ahead, default threads": (2, None), "prefetch 2 ahead, 2 threads": (2, 2)}
+    raw_rates: list[float] = []
+    rates: dict[str, list[float]] = {name: [] for name in readers}
+    for r in range(repeats):  # interleaved, the starting point rotating: raw and each reader on the same epoch
+        runs = ["raw", *readers]
+        for name in runs[r % len(runs):] + runs[: r % len(runs)]:
+            if name == "raw":
+                raw_s, raw_tokens = raw_decode_seconds(store, splits.train.split)
+                raw_rates.append(raw_tokens / raw_s)
+            else:
+                load_s, load_tokens = loader_seconds(store, splits, epoch=r, prefetch=readers[name][0],
+                                                     threads=readers[name][1])
+                rates[name].append(load_tokens / load_s)
+    ratios = {name: [a / b for a, b in zip(rates[name], raw_rates, strict=True)] for name in readers}
     bytes_per_token = store.n_layers * store.hidden_size * 2
-    print("\n1. loader vs raw decompression (train split, all layers)")
+    print(f"\n1. loader vs raw decompression (train split, all layers, {len(store.segments(splits.train.split))} "
+          f"segments, {os.cpu_count()} cores)")
     print(f"   raw decode  {statistics.median(raw_rates):>10,.0f} tok/s "
           f"({statistics.median(raw_rates) * bytes_per_token / 1e6:,.0f} MB/s of bf16 activations)")
-    print(f"   token loader{statistics.median(loader_rates):>10,.0f} tok/s")
-    print(f"   ratio loader / raw: {statistics.median(ratios):.3f} (repeats: {', '.join(f'{x:.3f}' for x in ratios)})")
+    for name in readers:
+        print(f"   {name:<34}{statistics.median(rates[name]):>10,.0f} tok/s, ratio loader / raw "
+              f"{statistics.median(ratios[name]):.3f} (repeats: {', '.join(f'{x:.3f}' for x in ratios[name])})")
+    serial = rates["serial (prefetch=0)"]
+    for name in list(readers)[1:]:
+        over = [a / b for a, b in zip(rates[name], serial, strict=True)]
+        print(f"   {name} / serial: {statistics.median(over):.3f} (repeats: {', '.join(f'{x:.3f}' for x in over)})")
+    if args.loader_only:
+        return
 
     checked_ratio = []
     unchecked = UncheckedStore(store.path)

@@ -137,7 +137,7 @@ class TokenStream:
     records the largest token count the buffer reached (after a segment's examples were pushed, before any
     draw).
 
-    Prefetch: with ``prefetch`` >= 1 (default 2) the epoch's segment reads (order known up front from
+    Prefetch: with ``prefetch`` >= 1 (default 1) the epoch's segment reads (order known up front from
     ``segment_order``) run up to ``prefetch`` segments ahead on ``prefetch_threads`` background threads
     (default: the host's cores less one, at least 1, at most ``prefetch``); examples enter the buffer in the
     serial order, so the batches are identical to ``prefetch=0`` (reads on the consuming thread). A failed
@@ -152,7 +152,7 @@ class TokenStream:
     def __init__(self, store: Store | str | Path, split: str | Sequence[str] | None, layers: Layers = None,
                  batch_size: int = 32, shuffle: bool = True, seed: int = 0, buffer_tokens: int = 65536,
                  dtype: torch.dtype | None = torch.float32, drop_last: bool = False,
-                 ids: Collection[str] | None = None, prefetch: int = 2, prefetch_threads: int | None = None):
+                 ids: Collection[str] | None = None, prefetch: int = 1, prefetch_threads: int | None = None):
         if batch_size < 1:
             raise TrainError(f"--batch-size must be a positive integer, got {batch_size}")
         if buffer_tokens < 0:
