@@ -42,6 +42,19 @@ from probecache.train.sweep import auto_heads  # noqa: E402
 from probecache.train.trainer import TrainConfig, Variant, fit_shared  # noqa: E402
 
 
+def evict_from_page_cache(store) -> None:
+    """Drop this store's segment files from the page cache (posix_fadvise DONTNEED: only these files, so a
+    benchmark running beside this one keeps its cache), so the next read comes from the disk."""
+    for path in (Path(store.path) / "segments").rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def raw_decode_seconds(store, split: str) -> tuple[float, int]:
     """Decode the split's token range of every segment's hidden array; nothing else."""
     table = store.manifest(split=split, columns=["segment", "token_offset", "n_tokens"])
@@ -106,6 +119,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--k", type=int, default=4, help="variants per shared pass")
     parser.add_argument("--loader-only", action="store_true", help="section 1 only")
+    parser.add_argument("--cold", action="store_true",
+                        help="section 1 reads from disk: the store's files leave the page cache before each run")
     args = parser.parse_args()
     path = args.store or (Path(".last-store").read_text().strip() if Path(".last-store").exists() else None)
     if not path:  # nothing extracted yet: the make extract default store (about a minute)
@@ -127,6 +142,8 @@ def main() -> None:
     for r in range(repeats):  # interleaved, the starting point rotating: raw and each reader on the same epoch
         runs = ["raw", *readers]
         for name in runs[r % len(runs):] + runs[: r % len(runs)]:
+            if args.cold:
+                evict_from_page_cache(store)
             if name == "raw":
                 raw_s, raw_tokens = raw_decode_seconds(store, splits.train.split)
                 raw_rates.append(raw_tokens / raw_s)
@@ -137,7 +154,7 @@ def main() -> None:
     ratios = {name: [a / b for a, b in zip(rates[name], raw_rates, strict=True)] for name in readers}
     bytes_per_token = store.n_layers * store.hidden_size * 2
     print(f"\n1. loader vs raw decompression (train split, all layers, {len(store.segments(splits.train.split))} "
-          f"segments, {os.cpu_count()} cores)")
+          f"segments, {os.cpu_count()} cores, {'from disk' if args.cold else 'page cache warm'})")
     print(f"   raw decode  {statistics.median(raw_rates):>10,.0f} tok/s "
           f"({statistics.median(raw_rates) * bytes_per_token / 1e6:,.0f} MB/s of bf16 activations)")
     for name in readers:
