@@ -22,6 +22,7 @@ from probecache.store.faults import crash_point
 from probecache.store.header import read_header, seal_header
 from probecache.store.layout import FORMAT_VERSION, StoreLayout, store_id_for
 from probecache.store.remote import store_root
+from probecache.store.tiers import with_tier
 
 from .config import ExtractConfig
 from .datasets import Dataset, load_dataset
@@ -123,7 +124,7 @@ def identity_of(config: ExtractConfig, source: ModelSource, tokenizer, dataset: 
         "padding_side": "right",
         "layers": "all",
         "capture": _capture(config),
-        "mantissa_bits": tier.mantissa_bits,  # mantissa-K keeps the key it always had: same store ids
+        "mantissa_bits": None,  # set by with_tier below
         "dataset_fingerprint": dataset.fingerprint(),
         "limit": config.limit,
         "limit_seed": config.seed if config.limit else None,
@@ -132,9 +133,7 @@ def identity_of(config: ExtractConfig, source: ModelSource, tokenizer, dataset: 
         "limit_sampling": "per-split-label-salted" if config.limit else None,
         "shard_size": config.shard_size,
     }
-    if tier.quantized:  # only then: lossless and mantissa stores keep the ids they had before tiers existed
-        identity["tier"] = tier.name
-    return identity
+    return with_tier(identity, tier)  # the one tier rule, shared with `store convert`
 
 
 def _capture(config: ExtractConfig) -> dict:

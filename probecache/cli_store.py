@@ -17,7 +17,8 @@ from probecache.extract.config import default_root
 
 store_app = typer.Typer(
     help="Inspect and maintain stores: `ls` a root; `info`, `status`, `verify`, `gc` on one store; `push` and "
-    "`pull` copy stores to and from object storage. Roots and stores may be URLs: s3://bucket/prefix (a root), "
+    "`pull` copy stores to and from object storage; `convert` re-encodes a store at another value tier. Roots and "
+    "stores may be URLs: s3://bucket/prefix (a root), "
     "s3://bucket/prefix/<store_id> (a store; AWS_* environment), gs://..., file://...",
     no_args_is_help=True,
 )
@@ -274,3 +275,38 @@ def _age(text: str, option: str) -> float:
     except ValueError as e:
         fail(StoreError(f"{option}: {e}"))
         raise  # unreachable: fail() exits; keeps type checkers from assuming a fall-through
+
+
+@store_app.command("convert")
+def store_convert(
+    src: Annotated[str, typer.Argument(help="A complete lossless local store folder: ROOT/<store_id>.")],
+    tier: Annotated[str, typer.Option("--tier", help="The new store's value tier: lossless, mantissa-K, fp8-e4m3, "
+                                                     "fp8-e5m2 or intK (K = 4..8).")],
+    root: Annotated[Path | None, typer.Option(help="Where the new store goes (default: SRC's root).")] = None,
+    partial: Annotated[bool, typer.Option("--partial", help="Convert an incomplete source's committed shards "
+                                                            "(rerun after it completes to add the rest).")] = False,
+) -> None:
+    """Write SRC re-encoded at another value tier as a new store, without the model: the same store id and the
+    same values `extract --tier` would give. Resumable: rerun after an interruption converts only what is missing.
+    """
+    import sys
+
+    from probecache.store.convert import check_convertible, convert_store
+    from probecache.store.reader import open_store
+    from probecache.store.tiers import parse_tier
+
+    try:
+        value_tier = parse_tier(tier)
+    except ValueError as e:
+        fail(e)
+    src_path = Path(src)
+    try:
+        source = open_store(src_path)
+        check_convertible(source, value_tier, partial)  # refusals before the progress bar draws
+        n_shards = len(source.layout.committed_shards())
+        with typer.progressbar(length=n_shards, label=f"convert to {value_tier.name}", file=sys.stderr) as bar:
+            path = convert_store(src_path, root if root is not None else src_path.parent, value_tier, partial,
+                                 progress=lambda _shard, _done: bar.update(1))
+    except user_errors() as e:
+        fail(e)
+    typer.echo(f"store: {path}")

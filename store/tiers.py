@@ -97,6 +97,18 @@ def store_tier(info: dict) -> Tier:
     return Tier("lossless" if bits is None else f"mantissa-{bits}")
 
 
+def with_tier(identity: dict, tier: Tier) -> dict:
+    """A store identity with its value tier set to ``tier``: the one rule both `extract --tier` (extract/prepare.py)
+    and `store convert` (store/convert.py) use, so a converted store has the id a direct extraction would get.
+    mantissa-K keeps the key it always had; the ``tier`` key is present only for quantized tiers, so lossless
+    and mantissa stores keep the ids they had before tiers existed."""
+    out = {k: v for k, v in identity.items() if k != "tier"}
+    out["mantissa_bits"] = tier.mantissa_bits
+    if tier.quantized:
+        out["tier"] = tier.name
+    return out
+
+
 def to_float32(stored: np.ndarray, logical: str) -> np.ndarray:
     """Stored values of an unquantized array (bf16 as uint16 bits) -> a new float32 array, exactly."""
     if logical == "bfloat16":
