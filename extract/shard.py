@@ -17,9 +17,8 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-import numpy as np
 from probecache.manifests.schema import part_bytes
-from probecache.store.codecs import bf16_bits_to_float32, round_mantissa, to_storage
+from probecache.store.codecs import round_example, to_storage
 from probecache.store.faults import crash_point
 from probecache.store.layout import StoreLayout, new_attempt_id
 from probecache.store.lease import LeaseKeeper
@@ -136,8 +135,7 @@ class _ShardState:
             states = [h[b, : captured.lengths[b]] for h in layers]  # L+1 x (n, d), padding stripped
             example_mean = mean[b]
             if (bits := job.config.value_tier().mantissa_bits) is not None:
-                states = [round_mantissa(h, bits) for h in states]
-                example_mean = np.stack([bf16_bits_to_float32(h).mean(axis=0) for h in states])
+                states, example_mean = round_example(states, bits)
             row, offset = self.writer.append(states, example_mean, None if logits is None else logits[b],
                                              planned.token_ids if job.config.store_token_ids else None)
             self.rows.append(self._manifest_row(planned, row, offset))
@@ -174,17 +172,7 @@ class _ShardState:
             self._give_up()
             return
         crash_point("segment-closed")
-        shape = self.writer.shape
-        stats = {
-            "shard_id": self.shard_id, "segment": self.segment, "n_examples": shape.n_examples,
-            "n_tokens": shape.n_tokens, "padded_tokens": self.padded_tokens,
-            "bytes_stored": bytes_stored, "bytes_raw": shape.raw_bytes,
-            "hidden_bytes_stored": self.writer.stored_bytes("hidden"),
-            "hidden_bytes_raw": shape.n_tokens * shape.hidden_bytes_per_token,
-            "seconds": round(time.time() - self.started, 3),
-            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "files": self.writer.files,  # what `verify` checks the segment against
-        }
+        stats = self.writer.commit_stats(self.shard_id, self.segment, self.padded_tokens, self.started, bytes_stored)
         # close() records the files it finds on disk: a file this writer wrote that is already gone (a gc, a
         # person) is caught here, by name; commit_shard then re-checks the record after refreshing the lease
         self.lost = self.writer.damage()

@@ -75,6 +75,14 @@ def round_mantissa(bits: np.ndarray, keep_bits: int) -> np.ndarray:
 ACTIVATION_BLOSC = {"cname": "zstd", "clevel": 1, "shuffle": "shuffle", "blocksize": 1 << 20}
 
 
+def round_example(states, keep_bits: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """mantissa-K for one example, as extraction and `store convert` both do it: each layer's (n, d) bf16 bits
+    rounded, and the example's (L+1, d) float32 mean recomputed from the rounded values (so ``mean`` is the mean
+    of what is stored)."""
+    rounded = [round_mantissa(h, keep_bits) for h in states]
+    return rounded, np.stack([bf16_bits_to_float32(h).mean(axis=0) for h in rounded])
+
+
 def activation_codec() -> BloscCodec:
     """The codec as zarr's array metadata declares it (readers decode through zarr with this)."""
     return BloscCodec(**ACTIVATION_BLOSC)

@@ -18,10 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from probecache.manifests.schema import part_bytes, read_part
 
-from .codecs import bf16_bits_to_float32, round_mantissa
+from .codecs import round_example
 from .commit import create_if_absent
 from .errors import StoreError
 from .faults import crash_point
@@ -120,24 +119,15 @@ def _convert_shard(src: Store, layout: StoreLayout, header: dict, tier: Tier, sh
             window = src.read_tokens(source_segment, lo, max(hi, lo + READ_TOKENS), decode=False)  # (L+1, n', d)
         states = window[:, lo - window_start : hi - window_start]  # (L+1, n, d) stored values
         mean = means[r["row"]]  # (L+1, d)
-        if tier.mantissa_bits is not None:  # exactly extract/shard.py's rounding and recomputed mean
-            states = [round_mantissa(h, tier.mantissa_bits) for h in states]
-            mean = np.stack([bf16_bits_to_float32(h).mean(axis=0) for h in states])
+        if tier.mantissa_bits is not None:  # the rounding and recomputed mean extraction does
+            states, mean = round_example(states, tier.mantissa_bits)
         writer.append(states, mean, None if logits is None else logits[r["row"]],
                       None if token_ids is None else token_ids[lo:hi])
         crash_point("writer-append")
     bytes_stored = writer.close()
     crash_point("segment-closed")
-    shape = writer.shape
-    stats = {
-        "shard_id": shard_id, "segment": segment, "n_examples": shape.n_examples, "n_tokens": shape.n_tokens,
-        "padded_tokens": src_stats.get("padded_tokens", shape.n_tokens), "bytes_stored": bytes_stored,
-        "bytes_raw": shape.raw_bytes, "hidden_bytes_stored": writer.stored_bytes("hidden"),
-        "hidden_bytes_raw": shape.n_tokens * shape.hidden_bytes_per_token,
-        "seconds": round(time.time() - started, 3),
-        "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": writer.files, "converted_from": source_segment,
-    }
+    stats = {**writer.commit_stats(shard_id, segment, src_stats.get("padded_tokens", writer.shape.n_tokens), started,
+                                   bytes_stored), "converted_from": source_segment}
     for r in rows:
         r["segment"] = segment
         if "store_id" in r:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -279,6 +280,21 @@ class SegmentWriter:
             self._written |= {f"{name}/zarr.json"} | {chunk_key(name, coords) for coords in itertools.product(*grid)}
         self.files = segment_files(self.path, known=self.files)
         return sum(size for size, _ in self.files.values())
+
+    def commit_stats(self, shard_id: int, segment: str, padded_tokens: int, started: float, bytes_stored: int) -> dict:
+        """The stats a commit records for this closed segment (the part's footer and stats/<segment>.json):
+        ``files`` is what `verify` checks the segment against; ``started`` a time.time() for ``seconds``."""
+        shape = self.shape
+        return {
+            "shard_id": shard_id, "segment": segment, "n_examples": shape.n_examples,
+            "n_tokens": shape.n_tokens, "padded_tokens": padded_tokens,
+            "bytes_stored": bytes_stored, "bytes_raw": shape.raw_bytes,
+            "hidden_bytes_stored": self.stored_bytes("hidden"),
+            "hidden_bytes_raw": shape.n_tokens * shape.hidden_bytes_per_token,
+            "seconds": round(time.time() - started, 3),
+            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": self.files,
+        }
 
     def damage(self) -> str | None:
         """What is wrong with the segment on disk now, or None: every file this writer wrote must still be there
