@@ -82,13 +82,13 @@ class ExtractConfig:
 
     def value_tier(self) -> Tier:
         """The tier to store values in: ``tier``, or mantissa-K from ``--mantissa-bits K`` (its alias)."""
-        from probecache.store.tiers import parse_tier
+        from probecache.store.tiers import TierError, parse_tier
 
         from .errors import ExtractError
 
         try:
             tier = parse_tier(self.tier)
-        except ValueError as e:
+        except TierError as e:
             raise ExtractError(f"--tier: {e}") from None
         if self.mantissa_bits is None:
             return tier

@@ -295,12 +295,9 @@ def store_convert(
     from probecache.store.reader import open_store
     from probecache.store.tiers import parse_tier
 
-    try:
-        value_tier = parse_tier(tier)
-    except ValueError as e:
-        fail(e)
     src_path = Path(src)
     try:
+        value_tier = parse_tier(tier)
         source = open_store(src_path)
         check_convertible(source, value_tier, partial)  # refusals before the progress bar draws
         n_shards = len(source.layout.committed_shards())

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from .errors import StoreError
+
 BLOCK_TOKENS = 1024  # tokens per fp8 scale block: the writer's zarr shard (segment.TOKENS_PER_ZARR_SHARD)
 SCALE_ARRAY = "hidden_scale"
 _FP8 = {"fp8-e4m3": ml_dtypes.float8_e4m3fn, "fp8-e5m2": ml_dtypes.float8_e5m2}
@@ -80,13 +82,17 @@ class Tier:
         return None
 
 
+class TierError(StoreError):
+    """A tier name that is not one of the tiers (a user error: one line listing the valid ones)."""
+
+
 def parse_tier(name: str) -> Tier:
-    """A tier name as given on the command line; a bad one is a one-line ValueError listing the valid ones."""
+    """A tier name as given on the command line; a bad one is a one-line TierError listing the valid ones."""
     text = str(name).strip().lower()
     m = re.fullmatch(r"mantissa-(\d+)", text)
     if text in ("lossless", *_FP8) or re.fullmatch(r"int[4-8]", text) or (m and 0 <= int(m.group(1)) <= 6):
         return Tier(text)
-    raise ValueError(f"unknown value tier {name!r}: use {TIER_HELP}")
+    raise TierError(f"unknown value tier {name!r}: use {TIER_HELP}")
 
 
 def store_tier(info: dict) -> Tier:

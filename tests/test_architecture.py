@@ -183,3 +183,39 @@ def test_the_checker_sees_what_it_checks(graph, import_time_graph):
     assert "dask" not in import_time_graph[1]["probecache.extract.launchers"]
     assert any(stage_of(d) == "extract" for d in internal["probecache.cli"])
     assert len(internal) > 60
+
+
+def declared_distributions() -> tuple[set[str], set[str]]:
+    """(core dependencies, optional extras' dependencies) of pyproject.toml, as normalised distribution names."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+    def names(requirements) -> set[str]:
+        import re
+
+        return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].strip().lower().replace("_", "-") for r in requirements}
+
+    extras = set().union(*(names(v) for k, v in project["optional-dependencies"].items() if k != "dev"))
+    return names(project["dependencies"]), extras
+
+
+def test_every_third_party_import_is_declared(graph, import_time_graph):
+    """What a stage imports is a declared dependency (core for what importing the stage loads; core or an extra
+    for a function-level import of an optional part). A package present here only through the dev extra or as
+    another package's dependency would break `pip install probecache` elsewhere."""
+    import sys
+    from importlib.metadata import packages_distributions
+
+    core, extras = declared_distributions()
+    dist_of = {m: {d.lower().replace("_", "-") for d in ds} for m, ds in packages_distributions().items()}
+    optional = {"boto3"}  # used only when installed (store/roots.py checks with find_spec): never required
+    wrong = []
+    for (internal, external), allowed, when in ((import_time_graph, core, "at import"),
+                                                (graph, core | extras, "anywhere")):
+        for module in internal:
+            for top in sorted(external[module] - set(sys.stdlib_module_names) - {"__future__"} - optional):
+                dists = dist_of.get(top)
+                if dists is None or not dists & allowed:
+                    wrong.append(f"{module} imports {top} ({when}) from {sorted(dists or ['nothing installed'])}")
+    assert not wrong, "declare these in pyproject.toml:\n" + "\n".join(sorted(set(wrong)))
