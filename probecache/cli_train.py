@@ -20,6 +20,7 @@ _TRAIN = "Training (repeat an option to sweep it)"
 _BASE = "Baselines (linear, muli, tfidf)"
 _DATA = "Data"
 _OUT = "Output"
+_RUN = "Where the sweep runs"
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int] | None:
@@ -66,7 +67,7 @@ def _fmt(m: dict | None, name: str) -> str:
 def register(app: typer.Typer) -> None:
     # the option vocabularies only (no torch, numpy or zarr): the train stage itself loads when a command runs
     from probecache.train.choices import ALL_PROBES, CLASS_WEIGHTS, METRICS, NORMS, POOLS, READOUTS, default_runs_dir
-    from probecache.train.options import Grid, TrainOptions  # the defaults below are theirs
+    from probecache.train.options import EXECUTORS, Grid, TrainOptions  # the defaults below are theirs
 
     @app.command(epilog="Examples:\n\n  probecache train --store stores/rotten_tomatoes-XXXX --probe scoring\n\n"
                         "  probecache train --store STORE --probe mha --downcast 8 --downcast 32 --lr 1e-4 --lr 3e-4 "
@@ -127,6 +128,14 @@ def register(app: typer.Typer) -> None:
                           ] = TrainOptions.device,
         progress: Annotated[bool, typer.Option(help="Progress bars on stderr.", rich_help_panel=_OUT)
                             ] = TrainOptions.progress,
+        executor: Annotated[str, typer.Option(help=f"{' or '.join(EXECUTORS)}: dask fits a probe sweep's variants "
+                                                   "in --workers shares on a dask cluster (same results).",
+                                              rich_help_panel=_RUN)] = TrainOptions.executor,
+        workers: Annotated[int, typer.Option(help="dask: shares of the sweep (and LocalCluster worker processes).",
+                                             rich_help_panel=_RUN)] = TrainOptions.workers,
+        scheduler: Annotated[str | None, typer.Option(help="dask: a running scheduler's address (tcp://host:8786) "
+                                                           "\\[default: a LocalCluster].", rich_help_panel=_RUN,
+                                                      show_default=False)] = TrainOptions.scheduler,
     ) -> None:
         """Train a probe (or a sweep of them, reading each batch once) on a store; select on validation, test once.
 
@@ -152,6 +161,7 @@ def register(app: typer.Typer) -> None:
                                    test_split=None if test_split.lower() == "none" else test_split,
                                    validation_fraction=validation_fraction, runs_dir=runs_dir or default_runs_dir(),
                                    device=device, buffer_tokens=buffer_tokens, progress=progress,
+                                   executor=executor, workers=workers, scheduler=scheduler,
                                    extra={"argv": sys.argv[1:]})
             run_dir = train_run(st, options)
         except user_errors() as e:

@@ -10,8 +10,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .choices import ALL_PROBES, CLASS_WEIGHTS, DEFAULT_RUNS_DIR, READOUTS
+from .choices import ALL_PROBES, CLASS_WEIGHTS, DEFAULT_RUNS_DIR, PROBE_KINDS, READOUTS
 from .errors import TrainError
+
+EXECUTORS = ("local", "dask")  # where a probe sweep's variants are fitted (train/distributed.py for dask)
+DASK_MISSING = "--executor dask needs dask.distributed: pip install 'probecache[dask]'"
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ class TrainOptions:
     device: str = "cpu"
     buffer_tokens: int = 65536
     progress: bool = True
+    executor: str = "local"  # dask: a probe sweep's fitting split into --workers shares on a dask cluster
+    workers: int = 2  # dask: how many shares (and LocalCluster worker processes without --scheduler)
+    scheduler: str | None = None  # dask: a running scheduler's address (tcp://host:8786); None = a LocalCluster
     extra: dict = field(default_factory=dict)  # recorded in config.json under options (the CLI puts its argv)
 
     def __post_init__(self) -> None:
@@ -60,6 +66,27 @@ class TrainOptions:
         bad = [c for c in self.cs or () if not (math.isfinite(c) and c > 0)]
         if bad:
             raise TrainError(f"--C must be a positive finite number, got {bad[0]}")
+        self._check_executor()
         from probecache.lm.devices import resolve_device  # torch: imported when options are made, not for --help
 
         self.device = resolve_device(self.device, TrainError)  # before any data is read: one line, not torch's assert
+
+    def _check_executor(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise TrainError(f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if self.workers < 1:
+            raise TrainError(f"--workers must be a positive integer, got {self.workers}")
+        if self.executor == "local":
+            if self.scheduler:
+                raise TrainError("--scheduler is for --executor dask: add --executor dask, or drop --scheduler")
+            return
+        if self.probe not in PROBE_KINDS:
+            raise TrainError(f"--executor dask splits a probe sweep ({', '.join(PROBE_KINDS)}); the {self.probe} "
+                             f"baseline is fitted in this process: drop --executor dask")
+        if self.scheduler == "slurm":
+            raise TrainError("train --scheduler takes a running dask scheduler's address (tcp://host:8786); start "
+                             "the workers yourself (dask-jobqueue, or `dask worker ADDRESS` in a batch job)")
+        try:  # before any data is read: the missing extra is one line, not a traceback mid-run
+            import dask.distributed  # noqa: F401
+        except ImportError:
+            raise TrainError(DASK_MISSING) from None

@@ -105,7 +105,8 @@ def _train_probes(store: Store, options: TrainOptions, splits: Splits, metric: s
     layers = options.layers if options.layers is not None else list(range(store.n_layers))
     variants = expand_grid(grid, len(layers), store.hidden_size, len(store.label_names))
     sweep = run_sweep(store, variants, splits, metric, layers=layers, device=options.device,
-                      buffer_tokens=options.buffer_tokens, data_seed=grid.seeds[0], progress=options.progress)
+                      buffer_tokens=options.buffer_tokens, data_seed=grid.seeds[0], progress=options.progress,
+                      executor=options.executor, workers=options.workers, scheduler=options.scheduler)
     best = sweep.best
     save_probe(best.probe, best.variant.probe, run_dir / "probe.safetensors")
     write_scores(run_dir, sweep.scores)

@@ -2,10 +2,12 @@
 
 :func:`expand_grid` turns option lists (``--downcast 8 --downcast 32 --lr 1e-4 --lr 3e-4 --seeds 3``) into
 variants. :func:`run_sweep` groups them by what changes the batches (batch size; the data tier, pooled or
-tokens) and runs one :func:`~probecache.train.trainer.fit_shared` pass per group, so each batch is read once
-for every variant of its group. Selection: the configuration (everything but the seed) with the best *mean*
-validation metric over its seeds wins, ties to the first in grid order. Test data is then read once, for
-that configuration's seeds only; every other row of the results table has no test numbers.
+tokens) and runs one :func:`~probecache.train.trainer.fit_shared` pass per group (:mod:`.groups`), so each batch
+is read once for every variant of its group; with ``executor="dask"`` the groups (or a lone group's variants)
+are fitted in shares on a dask cluster (:mod:`.distributed`), with the same results. Selection: the
+configuration (everything but the seed) with the best *mean* validation metric over its seeds wins, ties to the
+first in grid order. Test data is then read once, for that configuration's seeds only; every other row of the
+results table has no test numbers.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data import Splits, SplitSpec, batch_source, labels_of, uses_pooled_tier
+from .data import Splits, batch_source
+from .errors import TrainError
+from .groups import fit_groups
 from .loaders import Layers
-from .options import Grid
+from .options import EXECUTORS, Grid
 from .probes import ProbeConfig
-from .trainer import FitResult, TrainConfig, Variant, evaluate, fit_shared, predict
+from .trainer import FitResult, TrainConfig, Variant, evaluate, predict
 
 METRIC_NAMES = ("accuracy", "f1", "macro_f1", "auroc", "auprc")
 HEAD_CHOICES = (8, 4, 2, 1)
@@ -107,24 +111,23 @@ def _rows(results: list[FitResult], selected: str, test: list[dict | None]) -> l
 
 def run_sweep(store, variants: Sequence[Variant], splits: Splits, metric: str, layers: Layers = None,
               device: torch.device | str = "cpu", buffer_tokens: int = 65536, data_seed: int = 0,
-              progress: bool = True) -> SweepOutcome:
-    """Train every variant (one shared pass per batch-size/tier group), select on validation, test once."""
-    class_counts = np.bincount(labels_of(store, splits.train), minlength=variants[0].probe.n_classes)
-    groups: dict[tuple, list[Variant]] = {}
-    for v in variants:  # one shared pass per batch size and data tier
-        groups.setdefault((v.train.batch_size, uses_pooled_tier(v.probe.name, v.probe.pool, v.probe.norm)),
-                          []).append(v)
-    fitted: dict[Variant, FitResult] = {}
-    for (batch_size, _), group in groups.items():
-        first = group[0].probe
+              progress: bool = True, executor: str = "local", workers: int = 2, scheduler: str | None = None
+              ) -> SweepOutcome:
+    """Train every variant (one shared pass per batch-size/tier group), select on validation, test once.
 
-        def source(spec: SplitSpec, shuffle: bool, first=first, batch_size=batch_size):
-            return batch_source(store, spec, first, layers, batch_size, shuffle, data_seed, buffer_tokens)
+    ``executor="dask"``: the fitting is split into ``workers`` shares run as dask tasks (a LocalCluster, or the
+    cluster at ``scheduler``), each opening the store itself (:mod:`probecache.train.distributed`); selection
+    and the one test read stay here, so the outcome is the local one.
+    """
+    if executor == "dask":
+        from .distributed import fit_on_dask
 
-        desc = f"{first.name} bs={batch_size}"
-        for result in fit_shared(group, source(splits.train, True), source(splits.validation, False), metric,
-                                 class_counts, device, progress, desc):
-            fitted[result.variant] = result
+        fitted = fit_on_dask(store, variants, splits, metric, layers, device, buffer_tokens, data_seed,
+                             workers=workers, scheduler=scheduler, progress=progress)
+    elif executor == "local":
+        fitted = fit_groups(store, variants, splits, metric, layers, device, buffer_tokens, data_seed, progress)
+    else:
+        raise TrainError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
     results = [fitted[v] for v in variants]
 
     # selection: best mean validation metric over seeds, ties -> first in grid order

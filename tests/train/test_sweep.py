@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from probecache.train import groups as groups_module
 from probecache.train import sweep as sweep_module
 from probecache.train.data import PooledBatches, SplitSpec, resolve_splits, split_examples
 from probecache.train.errors import TrainError
@@ -109,7 +110,7 @@ def test_summarize_mean_and_sample_std():
 def spy(monkeypatch):
     """Records every fit_shared group and every batch source run_sweep asks for; can override validation values."""
     record = {"groups": [], "sources": [], "override": {}}
-    real_fit, real_source = sweep_module.fit_shared, sweep_module.batch_source
+    real_fit, real_source = groups_module.fit_shared, groups_module.batch_source
 
     def fit_shared(variants, train, validation, metric, *args, **kwargs):
         record["groups"].append((list(variants), train, validation))
@@ -124,8 +125,9 @@ def spy(monkeypatch):
         record["sources"].append((spec, probe, batch_size, shuffle))
         return real_source(store, spec, probe, layers, batch_size, shuffle, *args, **kwargs)
 
-    monkeypatch.setattr(sweep_module, "fit_shared", fit_shared)
-    monkeypatch.setattr(sweep_module, "batch_source", batch_source)
+    monkeypatch.setattr(groups_module, "fit_shared", fit_shared)  # the fitting phase (train/groups.py)
+    monkeypatch.setattr(groups_module, "batch_source", batch_source)
+    monkeypatch.setattr(sweep_module, "batch_source", batch_source)  # the test read after selection
     return record
 
 
