@@ -10,6 +10,7 @@ from probecache.lm import DEFAULT_MODEL, PROMPT_FORMATS, TRUNCATION_SIDES  # pla
 
 if TYPE_CHECKING:  # store.tiers imports numpy: the CLI imports this module for its defaults and must stay light
     from probecache.store.tiers import Tier
+    from probecache.store.token_policy import TokenPolicy
 
 from .datasets import DEFAULT_DATASET
 
@@ -46,6 +47,10 @@ class ExtractConfig:
     # opt in: each kept token's id beside its hidden states (per-token analysis outside probecache); opt-in for
     # the same reason as store_text: ids decode back to the text with the tokenizer
     store_token_ids: bool = False
+    # which states to keep (capture subsets): --layers in the one layer grammar (store/layers.py; None = every layer)
+    # and --tokens (store/token_policy.py: all | last | last-N | every-K); both change the store id when not "all"
+    layers: str | None = None
+    tokens: str = "all"
     # how hidden values are stored (store/tiers.py): lossless | mantissa-K | fp8-e4m3 | fp8-e5m2 | int8
     tier: str = "lossless"
     mantissa_bits: int | None = None  # alias of tier="mantissa-K" (the option that came first)
@@ -77,8 +82,31 @@ class ExtractConfig:
         if self.mantissa_bits is not None and not 0 <= self.mantissa_bits <= 6:
             raise ExtractError("--mantissa-bits must be in 0..6 (omit it for lossless storage)")
         self.value_tier()
+        self.token_policy()
         if self.validation_fraction is not None and not 0.0 < self.validation_fraction < 0.5:
             raise ExtractError("--validation-fraction must be in (0, 0.5)")
+
+    def token_policy(self) -> TokenPolicy:
+        """The tokens to keep of each prompt (--tokens)."""
+        from probecache.store.token_policy import TokenPolicyError, parse_token_policy
+
+        from .errors import ExtractError
+
+        try:
+            return parse_token_policy(self.tokens)
+        except TokenPolicyError as e:
+            raise ExtractError(f"--tokens: {e}") from None
+
+    def stored_layers(self, n_layers: int) -> list[int]:
+        """The model layers to keep (--layers) as ascending indices into the model's ``n_layers`` (L+1) layers."""
+        from probecache.store.layers import LayerSelectionError, select_layers
+
+        from .errors import ExtractError
+
+        try:
+            return sorted(set(select_layers(self.layers, n_layers)))
+        except LayerSelectionError as e:
+            raise ExtractError(f"--{e}") from None
 
     def value_tier(self) -> Tier:
         """The tier to store values in: ``tier``, or mantissa-K from ``--mantissa-bits K`` (its alias)."""

@@ -91,7 +91,7 @@ def prepare(config: ExtractConfig) -> PreparedStore:
 
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
     model_config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
-    identity = identity_of(config, source, tokenizer, dataset, dtype_name)
+    identity = identity_of(config, source, tokenizer, dataset, dtype_name, model_config.num_hidden_layers + 1)
     store_id = store_id_for(identity, dataset.name)
     layout = StoreLayout(store_root(config.root) / store_id)  # a URL root: its local staging folder
     return PreparedStore(config, dataset, source, device, dtype_name, tokenizer, model_config, identity,
@@ -111,9 +111,12 @@ def freeze_plan(prep: PreparedStore, write: bool = True) -> None:
         _write_store_header(prep, table, plan_digest(table))
 
 
-def identity_of(config: ExtractConfig, source: ModelSource, tokenizer, dataset: Dataset, dtype_name: str) -> dict:
-    """Every field that changes stored bytes, and nothing else (hardware and versions are provenance)."""
+def identity_of(config: ExtractConfig, source: ModelSource, tokenizer, dataset: Dataset, dtype_name: str,
+                n_layers: int) -> dict:
+    """Every field that changes stored bytes, and nothing else (hardware and versions are provenance).
+    ``n_layers``: the model's L+1 hidden-state layers (what --layers selects from)."""
     tier = config.value_tier()
+    layers = config.stored_layers(n_layers)
     identity = {
         "model_weights": source.weights_id,
         "dtype": dtype_name,
@@ -122,7 +125,8 @@ def identity_of(config: ExtractConfig, source: ModelSource, tokenizer, dataset: 
         "max_tokens": config.max_tokens,
         "truncation_side": config.truncation_side,
         "padding_side": "right",
-        "layers": "all",
+        # the model layers kept, in order (--layers); "all" keeps the ids of stores from before layer subsets
+        "layers": "all" if layers == list(range(n_layers)) else layers,
         "capture": _capture(config),
         "mantissa_bits": None,  # set by with_tier below
         "dataset_fingerprint": dataset.fingerprint(),
@@ -140,6 +144,8 @@ def _capture(config: ExtractConfig) -> dict:
     capture = {"hidden": True, "mean": True, "last": True, "logits": config.logits, "text": config.store_text}
     if config.store_token_ids:  # only when on: stores extracted without it keep their store id
         capture["token_ids"] = True
+    if not config.token_policy().keeps_all:  # likewise: "all" is the absence of the key
+        capture["tokens"] = config.token_policy().name
     return capture
 
 

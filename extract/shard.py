@@ -16,6 +16,7 @@ import json
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from probecache.manifests.schema import part_bytes
 from probecache.store.codecs import round_example, to_storage
@@ -25,6 +26,7 @@ from probecache.store.lease import LeaseKeeper
 from probecache.store.roots import LocalRoot
 from probecache.store.segment import SegmentShape, SegmentWriter
 from probecache.store.shard_commit import commit_shard
+from probecache.store.token_policy import TokenPolicy
 
 from .capture import CapturedBatch, capture
 from .config import ExtractConfig
@@ -86,6 +88,15 @@ class ExtractionJob:
     leases: LeaseKeeper | None = None  # leases/<segment>.json of the attempts in flight (gc keeps away)
     lost: list[tuple[int, str]] = field(default_factory=list)  # (shard, why): segments damaged before commit
 
+    @cached_property
+    def stored_layers(self) -> list[int]:
+        """The model layers this store keeps (--layers), ascending: the hidden array's layer axis."""
+        return self.config.stored_layers(self.n_layers)
+
+    @cached_property
+    def token_policy(self) -> TokenPolicy:
+        return self.config.token_policy()
+
     def take_lost(self) -> list[tuple[int, str]]:
         """The shards whose attempt found its segment damaged and committed nothing (cleared)."""
         lost, self.lost[:] = list(self.lost), []
@@ -120,36 +131,45 @@ class _ShardState:
     def _add_batch(self, batch: list[PlannedExample], captured: CapturedBatch) -> None:
         job = self.job
         if self.writer is None:
+            all_layers = job.stored_layers == list(range(job.n_layers))
             self.writer = SegmentWriter(job.layout.segment(self.segment), SegmentShape(
-                n_layers=job.n_layers, hidden_size=job.hidden_size,
-                n_tokens=sum(p.n_tokens for p in self.examples), n_examples=len(self.examples),
-                logical_dtype=job.logical_dtype, vocab_size=job.vocab_size if job.config.logits else None,
+                n_layers=len(job.stored_layers), hidden_size=job.hidden_size,
+                n_tokens=sum(job.token_policy.count(p.n_tokens) for p in self.examples),
+                n_examples=len(self.examples), logical_dtype=job.logical_dtype,
+                vocab_size=job.vocab_size if job.config.logits else None,
                 token_ids=job.config.store_token_ids, tier=job.config.value_tier().name,
+                layer_indices=None if all_layers else tuple(job.stored_layers), tokens=job.token_policy.name,
             ), pool=job.encode_pool, store_id=job.store_id, shard_id=self.shard_id)
-        layers = [to_storage(h) for h in captured.hidden]  # L+1 views (B, T, d)
-        mean = captured.mean.numpy()  # (B, L+1, d)
+        layers = [to_storage(h) for h in captured.hidden]  # L' views (B, T, d): the kept layers only
+        mean = captured.mean.numpy()  # (B, L', d)
         logits = None if captured.logits is None else to_storage(captured.logits)  # (B, V)
         self.padded_tokens += layers[0].shape[0] * layers[0].shape[1]
         flushed_before = self.writer.tokens_flushed
+        policy = job.token_policy
         for b, planned in enumerate(batch):
-            states = [h[b, : captured.lengths[b]] for h in layers]  # L+1 x (n, d), padding stripped
+            n = captured.lengths[b]
+            states = [h[b, :n] for h in layers]  # L' x (n, d), padding stripped
+            token_ids = planned.token_ids if job.config.store_token_ids else None
+            if not policy.keeps_all:  # --tokens: the kept positions only (the mean above is over all n)
+                keep = policy.positions(n).numpy()  # (n_kept,)
+                states = [h[keep] for h in states]  # L' x (n_kept, d)
+                token_ids = None if token_ids is None else [token_ids[i] for i in keep]
             example_mean = mean[b]
             if (bits := job.config.value_tier().mantissa_bits) is not None:
                 states, example_mean = round_example(states, bits)
-            row, offset = self.writer.append(states, example_mean, None if logits is None else logits[b],
-                                             planned.token_ids if job.config.store_token_ids else None)
-            self.rows.append(self._manifest_row(planned, row, offset))
+            row, offset = self.writer.append(states, example_mean, None if logits is None else logits[b], token_ids)
+            self.rows.append(self._manifest_row(planned, row, offset, states[0].shape[0]))
             crash_point("writer-append")
         if self.writer.tokens_flushed != flushed_before:
             job.totals.in_progress_bytes = self.writer.stored_bytes("hidden")
             job.totals.in_progress_raw = self.writer.tokens_flushed * self.writer.shape.hidden_bytes_per_token
 
-    def _manifest_row(self, planned: PlannedExample, row: int, offset: int) -> dict:
+    def _manifest_row(self, planned: PlannedExample, row: int, offset: int, n_kept: int) -> dict:
         e, job = planned.example, self.job
         record = {
             "example_id": e.example_id, "dataset": job.dataset_name, "split": e.split,
             "label": e.label, "label_name": job.label_names[e.label], "labels": list(e.labels),
-            "n_tokens": planned.n_tokens, "n_tokens_original": planned.n_tokens_original,
+            "n_tokens": n_kept, "n_tokens_original": planned.n_tokens_original,
             "truncated": planned.n_tokens < planned.n_tokens_original,
             "text_sha256": hashlib.sha256(e.text.encode()).hexdigest(),
             "shard_id": self.shard_id, "segment": self.segment, "token_offset": offset, "row": row,
@@ -222,7 +242,7 @@ def run_shard(job: ExtractionJob, shard_id: int, on_batch=None, should_stop=None
     for batch in batches(examples, job.config.batch_tokens, job.config.max_batch_size):
         crash_point("forward")
         started = time.perf_counter()
-        captured = capture(job.model, [p.token_ids for p in batch], job.pad_id, job.config.logits)
+        captured = capture(job.model, [p.token_ids for p in batch], job.pad_id, job.config.logits, job.stored_layers)
         job.forward_seconds += time.perf_counter() - started
         job.writer.submit(state.add_batch, batch, captured)
         if on_batch is not None:

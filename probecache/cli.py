@@ -155,6 +155,23 @@ def extract(
             "back to the text with the tokenizer, so off by default). Changes the store id.",
         ),
     ] = ExtractConfig.store_token_ids,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            rich_help_panel="Store",
+            help="Keep only these layers, e.g. 0-4,20,-1 (0 = embedding output, -1 = last layer; the grammar of "
+            "`train --layers`). Default: every layer. Training refuses a layer the store lacks. Changes the store id.",
+        ),
+    ] = ExtractConfig.layers,
+    tokens: Annotated[
+        str,
+        typer.Option(
+            rich_help_panel="Store",
+            help="Which tokens of each prompt to keep: all (default), last, last-N (the last N) or every-K (every "
+            "K-th counted back from the last, which is always kept). The pooled mean is over every token either "
+            "way. Changes the store id.",
+        ),
+    ] = ExtractConfig.tokens,
     tier: Annotated[
         str,
         typer.Option(
@@ -279,6 +296,8 @@ def extract(
         logits=logits,
         store_text=store_text,
         store_token_ids=store_token_ids,
+        layers=layers,
+        tokens=tokens,
         tier=tier,
         mantissa_bits=mantissa_bits,
         shard_size=shard_size,

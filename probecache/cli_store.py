@@ -56,9 +56,11 @@ def store_info(
         ("model", f"{summary['model']} ({summary['model_weights'][:23]}...)"),
         ("dataset", f"{summary['dataset']}  splits {summary['splits']}  labels {summary['label_names']}"),
         ("examples", f"{summary['n_examples']:,} of {summary['n_examples_planned']:,} planned"),
-        ("tokens", f"{summary['n_tokens']:,}"),
+        ("tokens", f"{summary['n_tokens']:,}" + ("" if summary["tokens"] == "all" else
+                                                  f" kept ({summary['tokens']} of each prompt: --tokens)")),
         ("layers x d", f"{summary['n_layers']} x {summary['hidden_size']} ({summary['logical_dtype']}, "
-                       f"{summary.get('tier', 'lossless')} values)"),
+                       f"{summary.get('tier', 'lossless')} values)"
+                       + ("" if summary["layers"] == "all" else f", holding layers {summary['layers']} (--layers)")),
         ("stored", f"{summary['bytes_stored'] / 1e6:,.1f} MB (raw {summary['bytes_raw'] / 1e6:,.1f} MB, {ratio:.2f}x)"),
         (
             "shards",

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from probecache.lm.tokens import Tokenisation
+from probecache.store.token_policy import TokenPolicy, TokenPolicyError, parse_token_policy
 from probecache.train.baselines import LogisticModel
 from probecache.train.probes import PROBES, Probe, check_safetensors, load_probe
 from probecache.train.runs import read_json
@@ -67,6 +68,17 @@ class ServedRun:
     @property
     def max_tokens(self) -> int | None:
         return self.store.get("max_tokens")
+
+    @property
+    def tokens(self) -> TokenPolicy:
+        """The tokens of each prompt the probe was trained on (``extract --tokens``; all for pooled-mean probes and
+        baselines, whose stored means cover every token)."""
+        return parse_token_policy(self.config.get("tokens"))
+
+    @property
+    def window(self) -> tuple[int | None, TokenPolicy]:
+        """What a run reads of each prompt: its first ``max_tokens`` tokens, then the kept ones among them."""
+        return self.max_tokens, self.tokens
 
     def reads(self, n_states: int) -> list[int]:
         """Hidden-state indices this run's hooks need (muli reads the final state, index L)."""
@@ -104,6 +116,10 @@ def load_run(path: str | Path, name: str | None = None, device: str | torch.devi
     if kind not in SERVABLE:
         raise ServeError(f"run {path.name} has probe {kind!r}; serving supports {', '.join(SERVABLE)}")
     store = config["store"]
+    try:
+        parse_token_policy(config.get("tokens"))
+    except TokenPolicyError as e:
+        raise ServeError(f"run {path.name}: config.json is damaged ({e}): train the run again") from None
     check_safetensors(path / "probe.safetensors")  # a pickle, a torch.save zip or a torn file: one line, never loaded
     check_store_labels(path.name, store)
     run = ServedRun(name=name or path.name, kind=kind, layers=[int(i) for i in config["layers"]],

@@ -85,12 +85,13 @@ class _Pass:
         valid = attention_mask.to(torch.bool)  # (B, T)
         self.shape = tuple(valid.shape)
         positions = torch.arange(valid.shape[1], device=valid.device)  # (T,)
-        self.masks: dict[int | None, torch.Tensor] = {}  # a run's max_tokens -> its (B, T) mask
-        self.last: dict[int | None, torch.Tensor] = {}  # -> (B,) index of the last position it reads
-        for limit in {run.max_tokens for run in runs}:
+        self.masks: dict[tuple, torch.Tensor] = {}  # a run's window (max_tokens, token policy) -> its (B, T) mask
+        self.last: dict[tuple, torch.Tensor] = {}  # -> (B,) index of the last position it reads
+        for window in {run.window for run in runs}:
+            limit, policy = window
             mask = valid if limit is None else valid & (valid.long().cumsum(dim=1) <= limit)  # first `limit` tokens
-            self.masks[limit] = mask
-            self.last[limit] = torch.where(mask, positions, -1).amax(dim=1).clamp(min=0)  # (B,); left or right pad
+            self.last[window] = torch.where(mask, positions, -1).amax(dim=1).clamp(min=0)  # (B,); left or right pad
+            self.masks[window] = policy.keep_mask(mask)  # the tokens its store kept (--tokens; the last always)
         self.seen: set[int] = set()
         self.summaries = [[None] * len(run.layers) if run.probe is not None else None for run in runs]
         self.features: list[torch.Tensor | None] = [None] * len(runs)  # linear (B, d) / muli (B, V)
@@ -247,7 +248,7 @@ class ProbedModel:
                                f"mask of shape {p.shape}: was the prompt split (chunked prefill, cached prefix)?")
         for k, j in self._consumers[index]:
             run = self.runs[k]
-            mask, last = p.masks[run.max_tokens], p.last[run.max_tokens]
+            mask, last = p.masks[run.window], p.last[run.window]
             if run.probe is not None:
                 p.summaries[k][j] = run.probe.layer_summary(j, hidden, mask)  # (B, d) float32
             elif run.kind == "linear" and run.readout == "mean":

@@ -80,3 +80,8 @@ def _parse_text(spec: str, n_layers: int) -> list[int]:
             raise LayerSelectionError(f"layers {spec!r}: range {part} is empty; {USAGE}")
         out.extend(range(lo, hi + 1))
     return sorted(dict.fromkeys(out))
+
+
+def format_layers(layers: Sequence[int]) -> str:
+    """Ascending layer indices in the text grammar, ranges joined: [0, 1, 2, 3, 4, 20, 30] -> "0-4,20,30"."""
+    return ",".join(str(r.start) if r.stop - r.start == 1 else f"{r.start}-{r.stop - 1}" for r in layer_runs(layers))

@@ -34,12 +34,13 @@ from probecache.manifests.schema import (
 from .codecs import from_storage, storage_dtype
 from .errors import StoreError
 from .header import label_name_mismatch, read_header
-from .layers import Layers, layer_runs, select_layers
+from .layers import Layers, LayerSelectionError, format_layers, layer_runs, select_layers
 from .layout import StoreLayout
 from .mirror import Mirror
 from .remote import Location, check_store_name, clean_key, parse_root
 from .roots import open_root
 from .tiers import SCALE_ARRAY, Tier, dequantize, scale_rows, store_tier
+from .token_policy import TokenPolicy, TokenPolicyError, store_token_policy
 from .verified import CheckedFiles, FileRecord, VerifiedSegmentStore
 
 
@@ -86,6 +87,27 @@ class Store:
     @property
     def logical_dtype(self) -> str:
         return self.info["logical_dtype"]
+
+    @cached_property
+    def stored_layers(self) -> list[int]:
+        """The model layers this store holds, ascending (all L+1 unless extracted with --layers): position i of
+        every per-layer array is model layer ``stored_layers[i]``."""
+        kept = self.info["identity"].get("layers", "all")
+        if kept == "all":
+            return list(range(self.n_layers))
+        if (not isinstance(kept, list) or not kept or kept != sorted(set(kept))
+                or not all(isinstance(i, int) and 0 <= i < self.n_layers for i in kept)):
+            raise StoreError(f"{self.path}/store.json is damaged (identity.layers {kept!r} is not an ascending list "
+                             f"of layers in 0..{self.n_layers - 1}): restore it from a copy")
+        return kept
+
+    @cached_property
+    def token_policy(self) -> TokenPolicy:
+        """Which tokens of each prompt the store holds (store/token_policy.py; all unless extracted with --tokens)."""
+        try:
+            return store_token_policy(self.info)
+        except TokenPolicyError as e:
+            raise StoreError(f"{self.path}/store.json is damaged ({e}): restore it from a copy") from None
 
     @cached_property
     def tier(self) -> Tier:
@@ -197,7 +219,7 @@ class Store:
         """store.json's dtype, layer count and width must describe the segment's hidden array: a reader that
         trusted an edited header would reinterpret bf16 bits or drop layers without a word."""
         hidden = group["hidden"]
-        want = (self.tier.storage or storage_dtype(self.logical_dtype), self.logical_dtype, self.n_layers,
+        want = (self.tier.storage or storage_dtype(self.logical_dtype), self.logical_dtype, len(self.stored_layers),
                 self.hidden_size)
         got = (hidden.dtype, hidden.attrs.get("logical_dtype"), hidden.shape[0], hidden.shape[2])
         if np.dtype(want[0]) != np.dtype(got[0]) or want[1:] != got[1:]:
@@ -208,9 +230,25 @@ class Store:
     # ---- arrays: the public read API (training, benchmarks and users read through these) -------------------
 
     def select_layers(self, layers: Layers = None) -> list[int]:
-        """A layer selection in the one grammar of store/layers.py (None, int, slice, list, "0-4,20,-1") as
-        indices into this store's L+1 layers (0 = embedding output, L = final-norm output)."""
-        return select_layers(layers, self.n_layers)
+        """A layer selection in the one grammar of store/layers.py (None, int, slice, list, "0-4,20,-1") as model
+        layer indices (0 = embedding output, L = final-norm output; -1 = L). None or "all": every layer the store
+        holds. A layer the store does not hold (extracted with --layers) is a LayerSelectionError naming those it
+        has."""
+        if layers is None or (isinstance(layers, str) and layers.strip().lower() == "all"):
+            return list(self.stored_layers)
+        chosen = select_layers(layers, self.n_layers)
+        missing = [layer for layer in chosen if layer not in self._layer_position]
+        if missing:
+            raise LayerSelectionError(
+                f"store {self.store_id} holds layers {format_layers(self.stored_layers)} only (extracted with "
+                f"--layers); layer {missing[0]} is not there: pick from those, or re-extract with --layers including "
+                f"{missing[0]}")
+        return chosen
+
+    @cached_property
+    def _layer_position(self) -> dict[int, int]:
+        """model layer -> its position on the stored arrays' layer axis."""
+        return {layer: i for i, layer in enumerate(self.stored_layers)}
 
     def segments(self, split: str | Iterable[str] | None = None) -> list[str]:
         """The committed segments (one per shard) holding examples of ``split``, in storage order."""
@@ -311,7 +349,8 @@ class Store:
         """``read(layer_slice)`` once per run of consecutive selected layers, joined on ``axis`` (stored values)."""
         if layers is None:
             return np.asarray(read(slice(None)))
-        blocks = [np.asarray(read(run)) for run in layer_runs(self.select_layers(layers))]
+        positions = [self._layer_position[layer] for layer in self.select_layers(layers)]
+        blocks = [np.asarray(read(run)) for run in layer_runs(positions)]
         return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=axis)
 
     # ---- summary ----------------------------------------------------------------------------------
@@ -345,6 +384,8 @@ class Store:
             "prompt_format": info["identity"]["prompt_format"],
             "max_tokens": info["identity"]["max_tokens"],
             "capture": info["capture"],
+            "layers": format_layers(self.stored_layers) if self.stored_layers != list(range(self.n_layers)) else "all",
+            "tokens": self.token_policy.name,
         }
 
 

@@ -76,7 +76,7 @@ def chunk_key(array: str, coords: Sequence[int]) -> str:
 
 @dataclass(frozen=True)
 class SegmentShape:
-    n_layers: int  # L+1
+    n_layers: int  # stored layers: L+1, or fewer with --layers (layer_indices says which)
     hidden_size: int  # d
     n_tokens: int  # T_seg
     n_examples: int  # N_seg
@@ -84,6 +84,8 @@ class SegmentShape:
     vocab_size: int | None = None  # set when logits are captured
     token_ids: bool = False  # also store each kept token's id (--store-token-ids)
     tier: str = "lossless"  # how hidden's values are stored (store/tiers.py); mantissa rounding is the caller's
+    layer_indices: tuple[int, ...] | None = None  # the model layer of each stored layer (--layers); None = all L+1
+    tokens: str = "all"  # which tokens of each prompt are kept (store/token_policy.py); the caller picks them
 
     @property
     def itemsize(self) -> int:
@@ -118,6 +120,9 @@ def segment_attributes(shape: SegmentShape, store_id: str | None = None, shard_i
         "store_id": store_id,
         "shard_id": shard_id,
         "n_layers": shape.n_layers,
+        # absent when every layer is kept (position i is then model layer i)
+        "layer_indices": list(shape.layer_indices) if shape.layer_indices is not None else None,
+        "tokens": shape.tokens if shape.tokens != "all" else None,  # the kept tokens: store/token_policy.py
         "n_tokens": shape.n_tokens,
         "n_examples": shape.n_examples,
         "layers": LAYER_MEANING,

@@ -32,7 +32,7 @@ from probecache.store.reader import Store
 
 from . import baselines
 from .choices import ALL_PROBES, BASELINES, CLASS_WEIGHTS, READOUTS  # noqa: F401  (defined there: the CLI's --help names them)
-from .data import Splits, SplitSpec, batch_source, resolve_splits, split_counts, split_examples
+from .data import Splits, SplitSpec, batch_source, resolve_splits, split_counts, split_examples, uses_pooled_tier
 from .errors import TrainError
 from .loaders import load_pooled
 from .metrics import metric_for
@@ -102,8 +102,9 @@ class _Outcome:
 
 def _train_probes(store: Store, options: TrainOptions, splits: Splits, metric: str, run_dir: Path) -> _Outcome:
     grid = options.grid or Grid(options.probe)
-    layers = options.layers if options.layers is not None else list(range(store.n_layers))
+    layers = store.select_layers(options.layers)  # model layers; every layer the store holds by default
     variants = expand_grid(grid, len(layers), store.hidden_size, len(store.label_names))
+    tokens = _tokens_read(store, variants)
     sweep = run_sweep(store, variants, splits, metric, layers=layers, device=options.device,
                       buffer_tokens=options.buffer_tokens, data_seed=grid.seeds[0], progress=options.progress,
                       executor=options.executor, workers=options.workers, scheduler=options.scheduler)
@@ -119,7 +120,27 @@ def _train_probes(store: Store, options: TrainOptions, splits: Splits, metric: s
     return _Outcome(selected=best.variant.hyperparameters(), threshold=best.threshold, layers=layers,
                     validation=best.validation, test=sweep.test[best_index], seeds=seeds,
                     config={"saved_seed": best.variant.train.seed,
+                            # the token policy the saved probe read (serve masks to it); None: it read pooled means
+                            "tokens": tokens if _reads_tokens(best.variant) else None,
                             "variants": [dict(variant_record(r), label=r.variant.label) for r in sweep.results]})
+
+
+def _reads_tokens(variant) -> bool:
+    """Whether a probe variant reads the token stream (not the stored pooled means)."""
+    return not uses_pooled_tier(variant.probe.name, variant.probe.pool, variant.probe.norm)
+
+
+def _tokens_read(store: Store, variants) -> str:
+    """The token policy the token-reading variants will read (the store's): refused when the store keeps only the
+    last token, where attention or max pooling over "the tokens" would silently be a last-token readout."""
+    policy = store.token_policy
+    reading = [v for v in variants if _reads_tokens(v)]
+    if reading and policy.name == "last":
+        v = reading[0].probe
+        raise TrainError(f"store {store.store_id} keeps only each prompt's last token (extracted with --tokens last), "
+                         f"but probe {v.name} (pool {v.pool}, norm {v.norm}) reads every token: re-extract with "
+                         f"--tokens all (or last-N), or train --probe linear --readout last")
+    return policy.name
 
 
 # ---- baselines ----------------------------------------------------------------------------------------------
@@ -156,7 +177,7 @@ def _predict_baseline(model, probe: str, x, layer_index: int | None = None) -> n
 def _train_baseline(store: Store, options: TrainOptions, splits: Splits, metric: str, run_dir: Path) -> _Outcome:
     probe, n_classes = options.probe, len(store.label_names)
     cs = options.cs or DEFAULT_BASELINE_CS[probe]
-    layers = options.layers if options.layers is not None else list(range(store.n_layers))
+    layers = store.select_layers(options.layers)
     x_tr, y_tr, _ = _features(store, probe, splits.train, options.readout, layers)
     x_val, y_val, val_ids = _features(store, probe, splits.validation, options.readout, layers)
     config: dict = {"cs": list(cs)}

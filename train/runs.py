@@ -165,6 +165,11 @@ def check_compatible(config: dict, store: Store) -> None:
     if trained.get("tokenizer_sha256") not in (None, identity.get("tokenizer_sha256")):
         raise TrainError(f"store {store.store_id} was tokenised differently from run {config['run_id']}'s store: "
                          f"re-extract with the run's model ({trained.get('model')})")
+    tokens = config.get("tokens")  # the token policy a token-reading probe was trained on (None: pooled/baseline)
+    if tokens is not None and tokens != store.token_policy.name:
+        raise TrainError(f"run {config['run_id']} read the tokens of a --tokens {tokens} store but store "
+                         f"{store.store_id} keeps --tokens {store.token_policy.name}: the probe would attend over "
+                         f"other tokens than it learnt on; evaluate on a store extracted with --tokens {tokens}")
     if trained.get("prompt_format") != identity.get("prompt_format"):
         raise TrainError(f"run {config['run_id']} was trained on --prompt-format {trained.get('prompt_format')} "
                          f"but store {store.store_id} holds --prompt-format {identity.get('prompt_format')}: "
