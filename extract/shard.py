@@ -150,13 +150,13 @@ class _ShardState:
             n = captured.lengths[b]
             states = [h[b, :n] for h in layers]  # L' x (n, d), padding stripped
             token_ids = planned.token_ids if job.config.store_token_ids else None
-            if not policy.keeps_all:  # --tokens: the kept positions only (the mean above is over all n)
+            example_mean = mean[b]
+            if (bits := job.config.value_tier().mantissa_bits) is not None:  # the mean of every rounded token
+                states, example_mean = round_example(states, bits)
+            if not policy.keeps_all:  # --tokens: the kept positions only (the means stay over all n tokens)
                 keep = policy.positions(n).numpy()  # (n_kept,)
                 states = [h[keep] for h in states]  # L' x (n_kept, d)
                 token_ids = None if token_ids is None else [token_ids[i] for i in keep]
-            example_mean = mean[b]
-            if (bits := job.config.value_tier().mantissa_bits) is not None:
-                states, example_mean = round_example(states, bits)
             row, offset = self.writer.append(states, example_mean, None if logits is None else logits[b], token_ids)
             self.rows.append(self._manifest_row(planned, row, offset, states[0].shape[0]))
             crash_point("writer-append")

@@ -22,7 +22,8 @@ def stores(tiny_model, sentiment_csv, extract_tiny_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("subsets")
     make = lambda **kw: extract_tiny_store(tiny_model, root, sentiment_csv, **kw)  # noqa: E731
     return {"full": make(), "layers": make(layers="0,-1"), "last3": make(tokens="last-3"),
-            "every2": make(tokens="every-2", layers="1-2"), "last": make(tokens="last"), "root": root}
+            "every2": make(tokens="every-2", layers="1-2"), "last": make(tokens="last"), "root": root,
+            "m4": make(tier="mantissa-4"), "m4_last3": make(tier="mantissa-4", tokens="last-3")}
 
 
 def ids(store) -> list[str]:
@@ -93,6 +94,15 @@ def test_a_token_subset_holds_the_full_stores_values_at_the_kept_positions(store
     assert torch.equal(sub.last(), full.last(layers=layers))
     summary = sub.summary()
     assert summary["tokens"] == spec and summary["n_tokens"] == sum(policy.count(n) for n in n_full.values())
+
+
+def test_a_rounded_token_subset_keeps_the_mean_of_every_rounded_token(stores):
+    """mantissa-K rounds all of a prompt's tokens and means them before --tokens drops some: the pooled tier is
+    the same as the full rounded store's, and the kept states are its states at those positions."""
+    full, sub = stores["m4"], stores["m4_last3"]
+    assert torch.equal(sub.mean(), full.mean())
+    for eid in ids(full):
+        assert torch.equal(sub.hidden(eid), full.hidden(eid)[:, -3:])
 
 
 def test_spelling_out_every_layer_or_token_keeps_the_default_store_id(stores, tiny_model, sentiment_csv,
