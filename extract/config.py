@@ -51,6 +51,9 @@ class ExtractConfig:
     # and --tokens (store/token_policy.py: all | last | last-N | every-K); both change the store id when not "all"
     layers: str | None = None
     tokens: str = "all"
+    # store each distinct prompt prefix (a chat template's system prompt) once per shard, examples referencing it
+    # (store/prefixes.py); changes the store id, never a value read back
+    share_prefixes: bool = False
     # how hidden values are stored (store/tiers.py): lossless | mantissa-K | fp8-e4m3 | fp8-e5m2 | int8
     tier: str = "lossless"
     mantissa_bits: int | None = None  # alias of tier="mantissa-K" (the option that came first)
@@ -82,7 +85,9 @@ class ExtractConfig:
         if self.mantissa_bits is not None and not 0 <= self.mantissa_bits <= 6:
             raise ExtractError("--mantissa-bits must be in 0..6 (omit it for lossless storage)")
         self.value_tier()
-        self.token_policy()
+        if self.share_prefixes and not self.token_policy().keeps_all:
+            raise ExtractError(f"--share-prefixes shares the states of a prompt's first tokens, and --tokens "
+                               f"{self.tokens} drops them: use --tokens all, or drop --share-prefixes")
         if self.validation_fraction is not None and not 0.0 < self.validation_fraction < 0.5:
             raise ExtractError("--validation-fraction must be in (0, 0.5)")
 

@@ -146,6 +146,8 @@ def _capture(config: ExtractConfig) -> dict:
         capture["token_ids"] = True
     if not config.token_policy().keeps_all:  # likewise: "all" is the absence of the key
         capture["tokens"] = config.token_policy().name
+    if config.share_prefixes:  # likewise: stores without it keep their id
+        capture["shared_prefixes"] = True
     return capture
 
 

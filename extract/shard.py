@@ -23,6 +23,7 @@ from probecache.store.codecs import round_example, to_storage
 from probecache.store.faults import crash_point
 from probecache.store.layout import StoreLayout, new_attempt_id
 from probecache.store.lease import LeaseKeeper
+from probecache.store.prefixes import PrefixMatcher, PrefixShare, own_part
 from probecache.store.roots import LocalRoot
 from probecache.store.segment import SegmentShape, SegmentWriter
 from probecache.store.shard_commit import commit_shard
@@ -115,6 +116,7 @@ class _ShardState:
     rows: list[dict] = field(default_factory=list)
     padded_tokens: int = 0
     writer: SegmentWriter | None = None
+    matcher: PrefixMatcher | None = None  # --share-prefixes: this segment's sharing decisions (store/prefixes.py)
     lost: str | None = None  # why this attempt's segment cannot be committed (it was damaged underneath us)
 
     def add_batch(self, batch: list[PlannedExample], captured: CapturedBatch) -> None:
@@ -139,8 +141,11 @@ class _ShardState:
                 vocab_size=job.vocab_size if job.config.logits else None,
                 token_ids=job.config.store_token_ids, tier=job.config.value_tier().name,
                 layer_indices=None if all_layers else tuple(job.stored_layers), tokens=job.token_policy.name,
+                share_prefixes=job.config.share_prefixes,
             ), pool=job.encode_pool, store_id=job.store_id, shard_id=self.shard_id)
         layers = [to_storage(h) for h in captured.hidden]  # L' views (B, T, d): the kept layers only
+        if job.config.share_prefixes and self.matcher is None:
+            self.matcher = PrefixMatcher(len(layers) * job.hidden_size * layers[0].dtype.itemsize)
         mean = captured.mean.numpy()  # (B, L', d)
         logits = None if captured.logits is None else to_storage(captured.logits)  # (B, V)
         self.padded_tokens += layers[0].shape[0] * layers[0].shape[1]
@@ -151,20 +156,28 @@ class _ShardState:
             states = [h[b, :n] for h in layers]  # L' x (n, d), padding stripped
             token_ids = planned.token_ids if job.config.store_token_ids else None
             example_mean = mean[b]
+            # --share-prefixes (only with --tokens all) decides on the unrounded values: store/prefixes.py says why
+            share = None if self.matcher is None else self.matcher.match(planned.token_ids, states)
+            unrounded = states
             if (bits := job.config.value_tier().mantissa_bits) is not None:  # the mean of every rounded token
                 states, example_mean = round_example(states, bits)
             if not policy.keeps_all:  # --tokens: the kept positions only (the means stay over all n tokens)
                 keep = policy.positions(n).numpy()  # (n_kept,)
                 states = [h[keep] for h in states]  # L' x (n_kept, d)
                 token_ids = None if token_ids is None else [token_ids[i] for i in keep]
+            n_kept = states[0].shape[0]
+            states, token_ids = own_part(share, states, token_ids)  # all of them when nothing is shared
             row, offset = self.writer.append(states, example_mean, None if logits is None else logits[b], token_ids)
-            self.rows.append(self._manifest_row(planned, row, offset, states[0].shape[0]))
+            if self.matcher is not None and share is None:
+                self.matcher.add_source(planned.token_ids, unrounded, offset)
+            self.rows.append(self._manifest_row(planned, row, offset, n_kept, share))
             crash_point("writer-append")
         if self.writer.tokens_flushed != flushed_before:
             job.totals.in_progress_bytes = self.writer.stored_bytes("hidden")
             job.totals.in_progress_raw = self.writer.tokens_flushed * self.writer.shape.hidden_bytes_per_token
 
-    def _manifest_row(self, planned: PlannedExample, row: int, offset: int, n_kept: int) -> dict:
+    def _manifest_row(self, planned: PlannedExample, row: int, offset: int, n_kept: int,
+                      share: PrefixShare | None = None) -> dict:
         e, job = planned.example, self.job
         record = {
             "example_id": e.example_id, "dataset": job.dataset_name, "split": e.split,
@@ -177,6 +190,9 @@ class _ShardState:
         }
         if job.config.store_text:
             record["text"] = e.text
+        if job.config.share_prefixes:  # token_offset is then where its own tokens start (store/prefixes.py)
+            record["prefix_offset"] = 0 if share is None else share.offset
+            record["prefix_tokens"] = 0 if share is None else share.tokens
         return record
 
     def commit(self) -> None:
@@ -202,7 +218,8 @@ class _ShardState:
         rows = sorted(self.rows, key=lambda r: r["row"])
         summary = {k: v for k, v in stats.items() if k != "files"}
         outcome = commit_shard(LocalRoot(job.layout.path), self.shard_id, self.segment, self.writer.files,
-                               part_bytes(rows, stats, job.config.store_text), json.dumps(summary, indent=1).encode(),
+                               part_bytes(rows, stats, job.config.store_text, job.config.share_prefixes),
+                               json.dumps(summary, indent=1).encode(),
                                job.leases)
         if outcome.damage is not None:
             self.lost = outcome.damage

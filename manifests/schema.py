@@ -39,6 +39,10 @@ MANIFEST_SCHEMA = pa.schema(
     metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
 TEXT_FIELD = pa.field("text", pa.string())  # only when the user opted in to storing raw text
+# only in stores extracted with --share-prefixes (store/prefixes.py): the example's first prefix_tokens states are
+# hidden[:, prefix_offset : prefix_offset + prefix_tokens] of its segment, its own n_tokens - prefix_tokens start at
+# token_offset; prefix_tokens = 0 shares nothing
+PREFIX_FIELDS = (pa.field("prefix_offset", pa.int64()), pa.field("prefix_tokens", pa.int32()))
 STATS_KEY = b"probecache.shard_stats"
 # sha256 of the part's values and stats (content_digest): a flipped bit anywhere that pyarrow still parses
 # changes a value, and that changes the digest. Parts written before it existed carry none (still readable).
@@ -60,10 +64,12 @@ def content_digest(table: pa.Table, stats_json: bytes) -> str:
     return h.hexdigest()
 
 
-def part_bytes(rows: list[dict], stats: dict, with_text: bool = False) -> bytes:
+def part_bytes(rows: list[dict], stats: dict, with_text: bool = False, with_prefixes: bool = False) -> bytes:
     """Serialize one shard's rows; ``stats`` (bytes, tokens, timing, the segment's file checksums) rides in the
-    Parquet metadata, and the content digest over both beside it."""
-    schema = MANIFEST_SCHEMA.append(TEXT_FIELD) if with_text else MANIFEST_SCHEMA
+    Parquet metadata, and the content digest over both beside it. The optional columns exist only when asked for."""
+    schema = MANIFEST_SCHEMA
+    for field in (*(PREFIX_FIELDS if with_prefixes else ()), *((TEXT_FIELD,) if with_text else ())):
+        schema = schema.append(field)
     stats_json = json.dumps(stats).encode()
     table = pa.Table.from_pylist(rows, schema=schema)
     digest = content_digest(table, stats_json).encode()

@@ -155,6 +155,16 @@ def extract(
             "back to the text with the tokenizer, so off by default). Changes the store id.",
         ),
     ] = ExtractConfig.store_token_ids,
+    share_prefixes: Annotated[
+        bool,
+        typer.Option(
+            rich_help_panel="Store",
+            help="Store each distinct prompt prefix (a chat template's system prompt, a fixed instruction) once per "
+            "shard: later examples whose first states are bit-identical reference it instead of repeating it. "
+            "Readers reassemble every example exactly; fewer bytes for chat-format stores. Needs --tokens all. "
+            "Changes the store id.",
+        ),
+    ] = ExtractConfig.share_prefixes,
     layers: Annotated[
         str | None,
         typer.Option(
@@ -296,6 +306,7 @@ def extract(
         logits=logits,
         store_text=store_text,
         store_token_ids=store_token_ids,
+        share_prefixes=share_prefixes,
         layers=layers,
         tokens=tokens,
         tier=tier,

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property, partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -33,15 +34,27 @@ from probecache.manifests.schema import (
 
 from .codecs import from_storage, storage_dtype
 from .errors import StoreError
-from .header import label_name_mismatch, read_header
+from .header import label_name_mismatch, read_header, stored_layers
 from .layers import Layers, LayerSelectionError, format_layers, layer_runs, select_layers
 from .layout import StoreLayout
 from .mirror import Mirror
+from .prefixes import example_ranges
 from .remote import Location, check_store_name, clean_key, parse_root
 from .roots import open_root
 from .tiers import SCALE_ARRAY, Tier, dequantize, scale_rows, store_tier
 from .token_policy import TokenPolicy, TokenPolicyError, store_token_policy
 from .verified import CheckedFiles, FileRecord, VerifiedSegmentStore
+
+
+class _Where(NamedTuple):
+    """One example's manifest coordinates (prefix_*: --share-prefixes stores, store/prefixes.py; 0 elsewhere)."""
+
+    segment: str
+    token_offset: int
+    n_tokens: int
+    row: int
+    prefix_offset: int = 0
+    prefix_tokens: int = 0
 
 
 def open_store(path_or_url: str | Path, cache_size: str | int | None = None) -> Store:
@@ -91,15 +104,8 @@ class Store:
     @cached_property
     def stored_layers(self) -> list[int]:
         """The model layers this store holds, ascending (all L+1 unless extracted with --layers): position i of
-        every per-layer array is model layer ``stored_layers[i]``."""
-        kept = self.info["identity"].get("layers", "all")
-        if kept == "all":
-            return list(range(self.n_layers))
-        if (not isinstance(kept, list) or not kept or kept != sorted(set(kept))
-                or not all(isinstance(i, int) and 0 <= i < self.n_layers for i in kept)):
-            raise StoreError(f"{self.path}/store.json is damaged (identity.layers {kept!r} is not an ascending list "
-                             f"of layers in 0..{self.n_layers - 1}): restore it from a copy")
-        return kept
+        every per-layer array is model layer ``stored_layers[i]`` (checked with the header, header.py)."""
+        return stored_layers(self.info)
 
     @cached_property
     def token_policy(self) -> TokenPolicy:
@@ -187,13 +193,14 @@ class Store:
         return files
 
     @cached_property
-    def _index(self) -> dict[str, tuple[str, int, int, int]]:
-        """example_id -> (segment, token_offset, n_tokens, row), built once from the manifest."""
-        t = self.manifest(columns=["example_id", "segment", "token_offset", "n_tokens", "row"])
-        cols = [t[c].to_pylist() for c in ("example_id", "segment", "token_offset", "n_tokens", "row")]
-        return {eid: (seg, off, n, row) for eid, seg, off, n, row in zip(*cols, strict=True)}
+    def _index(self) -> dict[str, _Where]:
+        """example_id -> its coordinates (_Where), built once from the manifest."""
+        t = self.manifest()
+        names = [c for c in _Where._fields if c in t.column_names]  # prefix_* only where prefixes are shared
+        cols = [t[c].to_pylist() for c in names]
+        return {eid: _Where(*where) for eid, *where in zip(t["example_id"].to_pylist(), *cols, strict=True)}
 
-    def _locate(self, example_id: str) -> tuple[str, int, int, int]:
+    def _locate(self, example_id: str) -> _Where:
         try:
             return self._index[example_id]
         except KeyError:
@@ -289,10 +296,22 @@ class Store:
         block = self._read_runs(lambda sl: array[:, sl], layers, axis=1)
         return from_storage(block, self._tier_dtype(kind)) if decode else block
 
+    def token_ranges(self, example_id: str) -> tuple[str, list[tuple[int, int]]]:
+        """Where one example's states are: (segment, [start, stop) ranges of its ``hidden`` token axis). The
+        example's ``n_tokens`` states are the ranges concatenated in order: one range, or with --share-prefixes a
+        shared prefix (inside an earlier example) then its own tokens (store/prefixes.py)."""
+        where = self._locate(example_id)
+        return where.segment, example_ranges(where.token_offset, where.n_tokens, where.prefix_offset,
+                                             where.prefix_tokens)
+
     def hidden(self, example_id: str, layers: Layers = None) -> torch.Tensor:
-        """All kept tokens of one example: (n_layers_selected, n_tokens, d) in the logical dtype."""
-        segment, offset, n, _ = self._locate(example_id)
-        return self.read_tokens(segment, offset, offset + n, layers)
+        """All kept tokens of one example: (n_layers_selected, n_tokens, d) in the logical dtype (a shared prefix
+        put back in front of its own tokens)."""
+        segment, ranges = self.token_ranges(example_id)
+        if len(ranges) == 1:
+            return self.read_tokens(segment, *ranges[0], layers)
+        parts = [self.read_tokens(segment, start, stop, layers, decode=False) for start, stop in ranges]
+        return from_storage(np.concatenate(parts, axis=1), self.logical_dtype)  # (L', n_tokens, d)
 
     def mean(self, example_ids: Sequence[str] | None = None, layers: Layers = None) -> torch.Tensor:
         """Per-example mean over tokens: (N, n_layers_selected, d) float32, in manifest order by default."""
@@ -313,8 +332,9 @@ class Store:
         int32. Needs a store extracted with --store-token-ids (off by default: ids decode back to the text)."""
         if not self.info["capture"].get("token_ids"):
             raise StoreError(f"store {self.store_id} has no token ids: re-extract with --store-token-ids")
-        segment, offset, n, _ = self._locate(example_id)
-        ids = self._group(segment)["token_ids"][offset : offset + n]  # (n,) int32, checked against the record
+        segment, ranges = self.token_ranges(example_id)
+        array = self._group(segment)["token_ids"]  # aligned with hidden's token axis, checked against the record
+        ids = np.concatenate([array[start:stop] for start, stop in ranges])  # (n,) int32
         return torch.from_numpy(np.ascontiguousarray(ids))
 
     def _tier_dtype(self, name: str) -> str:
@@ -325,7 +345,8 @@ class Store:
             example_ids = self.manifest(columns=["example_id"])["example_id"].to_pylist()
         by_segment: dict[str, list[tuple[int, int]]] = {}  # segment -> [(position in output, row)]
         for position, eid in enumerate(example_ids):
-            segment, _, _, row = self._locate(eid)
+            where = self._locate(eid)
+            segment, row = where.segment, where.row
             by_segment.setdefault(segment, []).append((position, row))
         parts: list[tuple[list[int], torch.Tensor]] = []
         for segment, items in by_segment.items():
@@ -371,6 +392,8 @@ class Store:
             "n_examples": sum(s.get("n_examples", 0) for s in stats),
             "n_examples_planned": info["plan"]["n_examples"],
             "n_tokens": sum(s.get("n_tokens", 0) for s in stats),
+            # on hidden's token axes: fewer than n_tokens when --share-prefixes stored shared prefixes once
+            "stored_tokens": sum(s.get("stored_tokens", s.get("n_tokens", 0)) for s in stats),
             "n_layers": self.n_layers,
             "hidden_size": self.hidden_size,
             "logical_dtype": self.logical_dtype,

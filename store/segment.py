@@ -1,6 +1,7 @@
 """Writing one segment: the zarr v3 group that holds one attempt of one shard.
 
-Arrays (T_seg = total real tokens of the shard's examples, N_seg = its examples, L+1 hidden-state layers):
+Arrays (T_seg = total real tokens of the shard's examples, less shared prefixes with --share-prefixes
+(store/prefixes.py); N_seg = its examples, L+1 hidden-state layers):
     hidden  (L+1, T_seg, d)  every real token, ragged examples concatenated on the token axis; no padding
     mean    (N_seg, L+1, d)  float32 mean over each example's tokens (fp32 sum of the stored values)
     last    (N_seg, L+1, d)  the last token's state (same dtype as hidden)
@@ -69,6 +70,11 @@ DECODING = {
 }
 
 
+SHARED_PREFIXES = ("an example with prefix_tokens = s > 0 in the manifest stores only its tokens s..n_tokens-1, at "
+                   "token_offset; its first s states are hidden[:, prefix_offset : prefix_offset + s] (inside an "
+                   "earlier example of this segment); token_ids are aligned with hidden's token axis the same way")
+
+
 def chunk_key(array: str, coords: Sequence[int]) -> str:
     """The file of one chunk (or zarr shard) of an array in the group: "default" encoding, "/" separator."""
     return f"{array}/c/" + "/".join(str(c) for c in coords)
@@ -86,6 +92,9 @@ class SegmentShape:
     tier: str = "lossless"  # how hidden's values are stored (store/tiers.py); mantissa rounding is the caller's
     layer_indices: tuple[int, ...] | None = None  # the model layer of each stored layer (--layers); None = all L+1
     tokens: str = "all"  # which tokens of each prompt are kept (store/token_policy.py); the caller picks them
+    # --share-prefixes (store/prefixes.py): examples may store only their tokens after a shared prefix, so
+    # n_tokens is the examples' tokens, an upper bound of hidden's token axis, which close() cuts to what was written
+    share_prefixes: bool = False
 
     @property
     def itemsize(self) -> int:
@@ -131,6 +140,7 @@ def segment_attributes(shape: SegmentShape, store_id: str | None = None, shard_i
         "tier": shape.tier if shape.tier != "lossless" else None,  # absent on lossless segments, as before tiers
         "rows": "examples are concatenated on hidden's token axis; the store's manifests/part-NNNNN.parquet gives "
                 "each example's token_offset, n_tokens and row (its index in mean, last, logits)",
+        "shared_prefixes": SHARED_PREFIXES if shape.share_prefixes else None,
     }
     return {k: v for k, v in attrs.items() if v is not None}
 
@@ -253,13 +263,16 @@ class SegmentWriter:
     def close(self) -> int:
         """Write everything still buffered and checksum every file (``self.files``); returns the bytes on disk."""
         s = self.shape
-        if self._rows != s.n_examples or self.tokens_written != s.n_tokens:
+        short = self.tokens_written < s.n_tokens and not s.share_prefixes  # sharing stores fewer tokens than planned
+        if self._rows != s.n_examples or short:
             raise ValueError(
                 f"segment incomplete: {self._rows}/{s.n_examples} examples, "
                 f"{self.tokens_written}/{s.n_tokens} tokens"
             )
         if self._buffered:
             self._flush()
+        if self.stored_tokens < self._tokens:
+            self._cut_token_axis()
         whole = {"mean": self._mean, "last": self._last}  # arrays written in one go at the end
         if self._logits is not None:
             whole["logits"] = self._logits
@@ -286,6 +299,27 @@ class SegmentWriter:
         self.files = segment_files(self.path, known=self.files)
         return sum(size for size, _ in self.files.values())
 
+    @property
+    def stored_tokens(self) -> int:
+        """The length of hidden's token axis: the examples' tokens, less the shared prefixes' (store/prefixes.py)."""
+        return max(self.tokens_written, 1)
+
+    def _cut_token_axis(self) -> None:
+        """--share-prefixes wrote fewer tokens than planned: hidden's zarr.json gets the real length (every zarr
+        shard past it was never written, so zarr's resize has nothing to delete), and the per-token arrays written
+        at close are cut to it."""
+        stored = self.stored_tokens
+        hidden = self._group["hidden"]
+        hidden.resize((self.shape.n_layers, stored, self.shape.hidden_size))
+        hidden.update_attributes({"n_tokens": stored})
+        self._group.update_attributes({"n_tokens": stored})
+        if self._token_ids is not None:
+            self._token_ids = self._token_ids[:stored]  # (T_stored,)
+        if self._scale is not None and self._tier.kind == "fp8":
+            self._scale = self._scale[:, : -(-stored // BLOCK_TOKENS)]  # (L', n_blocks, d)
+        elif self._scale is not None:
+            self._scale = self._scale[:, :stored]  # (L', T_stored)
+
     def commit_stats(self, shard_id: int, segment: str, padded_tokens: int, started: float, bytes_stored: int) -> dict:
         """The stats a commit records for this closed segment (the part's footer and stats/<segment>.json):
         ``files`` is what `verify` checks the segment against; ``started`` a time.time() for ``seconds``."""
@@ -296,6 +330,7 @@ class SegmentWriter:
             "bytes_stored": bytes_stored, "bytes_raw": shape.raw_bytes,
             "hidden_bytes_stored": self.stored_bytes("hidden"),
             "hidden_bytes_raw": shape.n_tokens * shape.hidden_bytes_per_token,
+            **({"stored_tokens": self.stored_tokens} if shape.share_prefixes else {}),
             "seconds": round(time.time() - started, 3),
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "files": self.files,

@@ -34,13 +34,15 @@ from probecache.manifests.schema import DIGEST_KEY, PART_NAME, ManifestError, re
 
 from .commit import TEMP_NAME
 from .errors import StoreError
-from .header import SEAL, label_name_mismatch
+from .header import SEAL, label_name_mismatch, stored_layers
 from .integrity import plan_digest
 from .lease import LEASES
+from .prefixes import example_ranges
 from .remote import clean_key
 from .repair import BROKEN_NAME, record_damage
 from .roots import ObjectInfo, Root
 from .scan import deleting_target, open_store_root, parse_segment, segment_attempts, segment_objects
+from .token_policy import store_token_policy
 
 _PART_COLUMNS = ("example_id", "shard_id", "segment", "token_offset", "n_tokens", "row")
 _SHOW = 5  # ids named per problem; the rest are counted
@@ -72,7 +74,7 @@ class _Record:
     name: str
     segment: str
     ids: list[str]
-    n_tokens: int
+    n_tokens: int  # on hidden's token axis (fewer than the examples' with --share-prefixes)
     files: dict[str, tuple[int, str]] | None  # None: unusable (malformed or absent), already reported
 
 
@@ -182,8 +184,9 @@ def _check_plan(root: Root, info: dict, problem: Callable[[str], None]) -> dict[
     if len(set(ids)) != len(ids):
         problem(f"plan.parquet lists {len(ids) - len(set(ids))} example ids more than once")
     by_shard: dict[int, dict[str, int]] = {}
+    policy = store_token_policy(info)  # the plan counts prompt tokens; a part counts the kept ones (--tokens)
     for eid, shard, n in zip(ids, shards, tokens, strict=True):
-        by_shard.setdefault(shard, {})[eid] = n
+        by_shard.setdefault(shard, {})[eid] = policy.count(n)
     return by_shard
 
 
@@ -202,7 +205,7 @@ def _check_part(root: Root, info: dict, shard: int, name: str, data: bytes, plan
     if checked is None:
         return None, False
     segment, ids, named_ok = checked
-    record = _Record(shard, name, segment, ids, sum(table["n_tokens"].to_pylist()), None)
+    record = _Record(shard, name, segment, ids, sum(_own_tokens(table)), None)
     if "label_name" in table.column_names:
         wrong = label_name_mismatch(info["dataset"]["label_names"], table["label"].to_pylist(),
                                     table["label_name"].to_pylist())
@@ -273,7 +276,13 @@ def _check_part_record(where: str, shard: int, table, stats: dict, plan: dict[in
                 f"{stats.get('n_tokens')}")
     if sorted(rows) != list(range(n)):
         problem(f"{where}: rows are not 0..{n - 1}")
-    _check_tiling(where, offsets, n_tokens, ids, total, problem)
+    own = _own_tokens(table)
+    stored = stats.get("stored_tokens", total)
+    if sum(own) != stored:
+        problem(f"{where}: rows store {sum(own)} tokens of their own, its stats say {stored}")
+    _check_tiling(where, offsets, own, ids, sum(own), problem)
+    if "prefix_tokens" in table.column_names:
+        _check_prefixes(where, table, problem)
     if len(set(ids)) != n:
         problem(f"{where}: {n - len(set(ids))} example ids appear twice in the part")
     _check_against_plan(where, shard, dict(zip(ids, n_tokens, strict=True)), plan, problem)
@@ -299,6 +308,30 @@ def _check_tiling(where: str, offsets: list[int], n_tokens: list[int], ids: list
                     f"starts at {offset})")
             return
         end = offset + n
+
+
+def _own_tokens(table) -> list[int]:
+    """Each row's tokens on hidden's token axis: n_tokens, less a shared prefix (--share-prefixes)."""
+    n_tokens = table["n_tokens"].to_pylist()
+    if "prefix_tokens" not in table.column_names:
+        return n_tokens
+    return [n - (s or 0) for n, s in zip(n_tokens, table["prefix_tokens"].to_pylist(), strict=True)]
+
+
+def _check_prefixes(where: str, table, problem: Callable[[str], None]) -> None:
+    """--share-prefixes: each shared prefix lies inside an example of the part that shares nothing (store/prefixes.py),
+    and leaves its example at least one token of its own."""
+    cols = [table[c].to_pylist() for c in ("example_id", "token_offset", "n_tokens", "prefix_offset", "prefix_tokens")]
+    full = [(off, off + n) for _, off, n, _, s in zip(*cols, strict=True) if not s]
+    bad = []
+    for eid, offset, n, prefix_offset, s in zip(*cols, strict=True):
+        if not s:
+            continue
+        start, stop = example_ranges(offset, n, prefix_offset or 0, s)[0]
+        if not 0 < s < n or not any(lo <= start and stop <= hi for lo, hi in full):
+            bad.append(f"{eid} ({s} of {n} tokens at {prefix_offset})")
+    if bad:
+        problem(f"{where}: {len(bad)} shared prefixes are not inside an example stored in full: {_some(bad)}")
 
 
 def _check_against_plan(where: str, shard: int, got: dict[str, int], plan: dict[int, dict[str, int]] | None,
@@ -333,9 +366,9 @@ def _check_file(root: Root, segment: str, rel: str, size: int, crc: str) -> tupl
 
 
 def _shape_problems(root: Root, info: dict, record: _Record) -> list[str]:
-    """The arrays' zarr metadata against the rows: hidden (L+1, T, d), mean/last (N, L+1, d), logits (N, V)."""
+    """The arrays' zarr metadata against the rows: hidden (L', T, d), mean/last (N, L', d), logits (N, V)."""
     where, n = f"manifests/{record.name}", len(record.ids)
-    layers, d = info["model"]["n_layers"], info["model"]["hidden_size"]
+    layers, d = len(stored_layers(info)), info["model"]["hidden_size"]  # the layers kept (--layers)
     expected = {
         "hidden": (layers, max(record.n_tokens, 1), d),  # the writer never creates a zero-length array
         "mean": (n, layers, d),
