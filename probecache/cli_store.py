@@ -17,7 +17,8 @@ from probecache.extract.config import default_root
 
 store_app = typer.Typer(
     help="Inspect and maintain stores: `ls` a root; `info`, `status`, `verify`, `gc` on one store; `push` and "
-    "`pull` copy stores to and from object storage; `convert` re-encodes a store at another value tier. Roots and "
+    "`pull` copy stores to and from object storage; `convert` re-encodes a store at another value tier or cuts it to fewer layers or "
+    "tokens. Roots and "
     "stores may be URLs: s3://bucket/prefix (a root), "
     "s3://bucket/prefix/<store_id> (a store; AWS_* environment), gs://..., file://...",
     no_args_is_help=True,
@@ -57,7 +58,9 @@ def store_info(
         ("dataset", f"{summary['dataset']}  splits {summary['splits']}  labels {summary['label_names']}"),
         ("examples", f"{summary['n_examples']:,} of {summary['n_examples_planned']:,} planned"),
         ("tokens", f"{summary['n_tokens']:,}" + ("" if summary["tokens"] == "all" else
-                                                  f" kept ({summary['tokens']} of each prompt: --tokens)")),
+                                                  f" kept ({summary['tokens']} of each prompt: --tokens)")
+                   + ("" if summary["stored_tokens"] == summary["n_tokens"] else
+                      f", {summary['stored_tokens']:,} stored (shared prefixes stored once: --share-prefixes)")),
         ("layers x d", f"{summary['n_layers']} x {summary['hidden_size']} ({summary['logical_dtype']}, "
                        f"{summary.get('tier', 'lossless')} values)"
                        + ("" if summary["layers"] == "all" else f", holding layers {summary['layers']} (--layers)")),
@@ -282,30 +285,37 @@ def _age(text: str, option: str) -> float:
 @store_app.command("convert")
 def store_convert(
     src: Annotated[str, typer.Argument(help="A complete lossless local store folder: ROOT/<store_id>.")],
-    tier: Annotated[str, typer.Option("--tier", help="The new store's value tier: lossless, mantissa-K, fp8-e4m3, "
-                                                     "fp8-e5m2 or intK (K = 4..8).")],
+    tier: Annotated[str | None, typer.Option("--tier", help="The new store's value tier: lossless, mantissa-K, "
+                                                            "fp8-e4m3, fp8-e5m2 or intK (K = 4..8). Default: SRC's.")]
+    = None,
+    layers: Annotated[str | None, typer.Option("--layers", help="Keep only these layers, e.g. 0-4,20,-1 (those SRC "
+                                                                "holds). Default: every layer SRC holds.")] = None,
+    tokens: Annotated[str | None, typer.Option("--tokens", help="Keep only these tokens of each prompt: all, last, "
+                                                                "last-N or every-K (SRC must hold every token). "
+                                                                "Default: SRC's.")] = None,
     root: Annotated[Path | None, typer.Option(help="Where the new store goes (default: SRC's root).")] = None,
     partial: Annotated[bool, typer.Option("--partial", help="Convert an incomplete source's committed shards "
                                                             "(rerun after it completes to add the rest).")] = False,
 ) -> None:
-    """Write SRC re-encoded at another value tier as a new store, without the model: the same store id and the
-    same values `extract --tier` would give. Resumable: rerun after an interruption converts only what is missing.
+    """Write SRC re-encoded at another value tier, or cut to fewer layers or tokens, as a new store without the
+    model: the same store id and the same values `extract --tier/--layers/--tokens` would give. Resumable: rerun
+    after an interruption converts only what is missing.
     """
     import sys
 
-    from probecache.store.convert import check_convertible, convert_store
+    from probecache.store.convert import Conversion, check_convertible, convert_store
     from probecache.store.reader import open_store
-    from probecache.store.tiers import parse_tier
 
     src_path = Path(src)
     try:
-        value_tier = parse_tier(tier)
         source = open_store(src_path)
-        check_convertible(source, value_tier, partial)  # refusals before the progress bar draws
+        conversion = Conversion.of(source, tier, layers, tokens)
+        check_convertible(source, conversion, partial)  # refusals before the progress bar draws
         n_shards = len(source.layout.committed_shards())
-        with typer.progressbar(length=n_shards, label=f"convert to {value_tier.name}", file=sys.stderr) as bar:
-            path = convert_store(src_path, root if root is not None else src_path.parent, value_tier, partial,
-                                 progress=lambda _shard, _done: bar.update(1))
+        with typer.progressbar(length=n_shards, label=f"convert to {conversion.tier.name}", file=sys.stderr) as bar:
+            path = convert_store(src_path, root if root is not None else src_path.parent, conversion.tier, partial,
+                                 progress=lambda _shard, _done: bar.update(1), layers=conversion.layers,
+                                 tokens=conversion.tokens)
     except user_errors() as e:
         fail(e)
     typer.echo(f"store: {path}")

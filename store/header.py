@@ -17,6 +17,7 @@ from pathlib import Path
 from .codecs import LOGICAL_DTYPES
 from .errors import StoreError
 from .layout import FORMAT_VERSION, STORE_JSON, canonical_json, sha256_hex, store_id_for
+from .token_policy import PATTERN as TOKEN_POLICY
 
 SEAL = "sha256"
 
@@ -84,9 +85,27 @@ def _shape_problem(info: dict) -> str | None:
         return "no plan summary"
     if not isinstance(info.get("capture"), dict):
         return "no capture set"
+    kept = info["identity"].get("layers", "all")
+    if kept != "all" and (not isinstance(kept, list) or not kept or kept != sorted(set(kept)) or not all(
+            _index_below(i, model["n_layers"]) for i in kept)):
+        return f"identity.layers {kept!r} is not 'all' or an ascending list of layers in 0..{model['n_layers'] - 1}"
+    tokens = info["capture"].get("tokens", "all")
+    if not isinstance(tokens, str) or not TOKEN_POLICY.match(tokens):
+        return f"capture.tokens {tokens!r} is not a token policy"
     if info["store_id"] != store_id_for(info["identity"], dataset["name"]):
         return "its store_id is not the hash of its identity"
     return None
+
+
+def stored_layers(info: dict) -> list[int]:
+    """The model layers a (checked) header says its store holds, ascending: position i of every per-layer array is
+    model layer ``stored_layers(info)[i]`` (all L+1 unless extracted with --layers)."""
+    kept = info["identity"].get("layers", "all")
+    return list(range(info["model"]["n_layers"])) if kept == "all" else list(kept)
+
+
+def _index_below(value: object, n: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n
 
 
 def _positive_int(value: object) -> bool:

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import StoreError
 
+if TYPE_CHECKING:  # torch only where masks are built: store.json checks (header.py) parse policies without it
+    import torch
+
 ALL = "all"
 USAGE = "use all, last, last-N (e.g. last-32) or every-K (e.g. every-4)"
-_PATTERN = re.compile(r"^(all|last)$|^(last|every)-([1-9][0-9]*)$")
+PATTERN = re.compile(r"^(all|last)$|^(last|every)-([1-9][0-9]*)$")
 
 
 class TokenPolicyError(StoreError):
@@ -59,6 +61,8 @@ class TokenPolicy:
 
     def positions(self, n_tokens: int) -> torch.Tensor:
         """The kept positions of a prompt of ``n_tokens`` real tokens, ascending: (n_kept,) int64."""
+        import torch
+
         return torch.nonzero(self.keep_mask(torch.ones(1, n_tokens, dtype=torch.bool))[0]).flatten()
 
     def count(self, n_tokens: int) -> int:
@@ -73,7 +77,7 @@ class TokenPolicy:
 def parse_token_policy(text: str | None) -> TokenPolicy:
     """``all`` | ``last`` | ``last-N`` | ``every-K`` (None = all) -> a TokenPolicy; TokenPolicyError otherwise."""
     spec = (text or ALL).strip().lower()
-    match = _PATTERN.match(spec)
+    match = PATTERN.match(spec)
     if not match:
         raise TokenPolicyError(f"token policy {text!r} is not one of the forms: {USAGE}")
     if match.group(1):

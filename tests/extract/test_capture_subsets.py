@@ -105,6 +105,14 @@ def test_a_rounded_token_subset_keeps_the_mean_of_every_rounded_token(stores):
         assert torch.equal(sub.hidden(eid), full.hidden(eid)[:, -3:])
 
 
+@pytest.mark.parametrize("name", ["layers", "last3", "every2", "last", "m4_last3"])
+def test_subset_stores_verify_clean(stores, name):
+    from probecache.store.verify import verify_store
+
+    report = verify_store(stores[name].path)
+    assert report.ok, report.problems
+
+
 def test_spelling_out_every_layer_or_token_keeps_the_default_store_id(stores, tiny_model, sentiment_csv,
                                                                      extract_tiny_store):
     full = stores["full"]

@@ -32,6 +32,8 @@ def stores(tiny_model, sentiment_csv, extract_tiny_store, tmp_path_factory):
     out = {"lossless": extract_tiny_store(tiny_model, root / "src", sentiment_csv, **OPTIONS)}
     for tier in TIERS:
         out[tier] = extract_tiny_store(tiny_model, root / "direct", sentiment_csv, tier=tier, **OPTIONS)
+    out["subset"] = extract_tiny_store(tiny_model, root / "direct", sentiment_csv, tier="mantissa-4", layers="0,2",
+                                       tokens="every-3", **OPTIONS)
     return out
 
 
@@ -105,5 +107,20 @@ def test_lossy_source_and_partial_source_are_refused_in_one_line(stores, one_lin
     one_line_error(result, "1/2 shards committed", "--partial")
     path = convert_store(source, tmp_path / "p", "int7", partial=True)
     assert open_store(path).layout.committed_shards() == {0}
-    with pytest.raises(StoreError, match="already stored lossless"):
+    with pytest.raises(StoreError, match="nothing to convert"):
         convert_store(stores["lossless"].path, stores["lossless"].path.parent, "lossless")
+
+
+def test_a_layer_and_token_subset_converts_to_the_directly_extracted_store(stores, tmp_path, one_line_error):
+    """--layers and --tokens (with a tier): the store `extract --tier mantissa-4 --layers 0,2 --tokens every-3`
+    writes, from the lossless store, without the model; the CLI says how to fix what it cannot do."""
+    result = runner.invoke(app, ["store", "convert", str(stores["lossless"].path), "--tier", "mantissa-4",
+                                 "--layers", "0,2", "--tokens", "every-3", "--root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    converted = open_store(result.stdout.strip().rsplit("store: ", 1)[1])
+    assert_equal_stores(converted, stores["subset"])
+    # a subset of a subset: layers it holds are fine, layers it lacks and re-cutting its tokens are refused
+    one_line_error(runner.invoke(app, ["store", "convert", str(converted.path), "--layers", "1"]),
+                   "holds layers 0,2 only")
+    one_line_error(runner.invoke(app, ["store", "convert", str(converted.path), "--tokens", "last"]),
+                   "keeps --tokens every-3")
