@@ -19,6 +19,7 @@ integer-list selection (~40x slower than a slice) is never used. This module imp
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,9 @@ class _Example:
     label: int
     offset: int
     n_tokens: int
+    # [start, stop) ranges on the segment's token axis whose concatenation is the example: one, or a shared prefix
+    # then its own tokens (--share-prefixes, store/prefixes.py); from Store.token_ranges
+    ranges: list[tuple[int, int]]
 
 
 class TokenStream:
@@ -135,7 +139,10 @@ class TokenStream:
     assembled (B x L' x T_max x d in ``dtype``), plus ``prefetch`` segments read ahead (each L' x T_segment
     x d stored values, held twice while being split; 0 with ``prefetch=0``). ``peak_buffered_tokens``
     records the largest token count the buffer reached (after a segment's examples were pushed, before any
-    draw).
+    draw). ``peak_held_tokens`` records the largest count of tokens whose per-example copies the stream held
+    at once anywhere (read ahead, in the buffer, or waiting for their batch): at most ``buffer_tokens`` +
+    (1 + ``prefetch``) x the largest segment's tokens of the split + ``batch_size`` x the longest example,
+    whatever the store's size (tests/train/test_memory_bound.py; bench/scaling.py --rss measures the RSS).
 
     Prefetch: with ``prefetch`` >= 1 (default 1) the epoch's segment reads (order known up front from
     ``segment_order``) run up to ``prefetch`` segments ahead on ``prefetch_threads`` background threads
@@ -173,6 +180,9 @@ class TokenStream:
         self.prefetch, self.prefetch_threads = prefetch, prefetch_threads
         self.label_names: list[str] = list(self.store.label_names)
         self.peak_buffered_tokens = 0
+        self.peak_held_tokens = 0
+        self._held = 0  # tokens of per-example copies alive now (read, buffered or pending); reader threads add
+        self._held_lock = threading.Lock()
         self._next_epoch = 0
 
         table = _split_manifest(self.store, split, ids)
@@ -181,7 +191,8 @@ class TokenStream:
         self._segments: dict[str, list[_Example]] = {}  # manifest order, grouped by segment
         for eid, label, segment, offset, n in zip(*cols, strict=True):
             self._segments.setdefault(segment, []).append(_Example(eid, -1 if label is None else int(label),
-                                                                    int(offset), int(n)))
+                                                                    int(offset), int(n),
+                                                                    self.store.token_ranges(eid)[1]))
         self.n_tokens = sum(int(n) for n in cols[4])
 
     def __len__(self) -> int:
@@ -206,17 +217,25 @@ class TokenStream:
             return names
         return [names[i] for i in self._rng(epoch).permutation(len(names))]
 
+    def _hold(self, tokens: int) -> None:
+        """Count per-example copies made (+) or handed over to a batch (-); two integer ops per segment / batch."""
+        with self._held_lock:
+            self._held += tokens
+            self.peak_held_tokens = max(self.peak_held_tokens, self._held)
+
     def _read_segment(self, segment: str) -> list[tuple[_Example, np.ndarray]]:
         """The split's examples of one segment, each (L', n, d) stored numpy values, in manifest order. Each is
         a copy, not a view of the segment: a view would pin the whole segment while any example of it waits in
         the shuffle buffer, and the memory bound would not hold."""
         examples = self._segments[segment]
-        lo = min(e.offset for e in examples)
-        hi = max(e.offset + e.n_tokens for e in examples)
+        lo = min(start for e in examples for start, _ in e.ranges)  # a shared prefix may lie before the split's own
+        hi = max(stop for e in examples for _, stop in e.ranges)
         block = self.store.read_tokens(segment, lo, hi, self.layers, decode=False)  # (L', hi - lo, d) stored values
         out = []
         for e in examples:
-            out.append((e, np.ascontiguousarray(block[:, e.offset - lo : e.offset - lo + e.n_tokens])))
+            parts = [block[:, start - lo : stop - lo] for start, stop in e.ranges]  # L' x (k, d), k summing to n
+            out.append((e, np.ascontiguousarray(parts[0]) if len(parts) == 1 else np.concatenate(parts, axis=1)))
+        self._hold(sum(e.n_tokens for e in examples))
         return out
 
     def _samples(self, epoch: int) -> Iterator[tuple[_Example, np.ndarray]]:
@@ -267,19 +286,23 @@ class TokenStream:
         if hidden.dtype != self.dtype:
             hidden = hidden.to(self.dtype)
         y = torch.tensor([e.label for e, _ in items], dtype=torch.long)
+        self._hold(-sum(e.n_tokens for e, _ in items))  # the caller drops ``items`` now: the batch holds the values
         return Batch(hidden=hidden, mask=mask, y=y, example_ids=[e.example_id for e, _ in items])
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch; the same (seed, epoch) always gives the same batches."""
         pending: list[tuple[_Example, np.ndarray]] = []
         samples = self._samples(epoch)
+        self._held = 0  # an epoch left early (its copies collected with its generator) must not inflate the next
         try:
             for item in samples:
                 pending.append(item)
                 if len(pending) == self.batch_size:
-                    yield self._collate(pending)
-                    pending = []
+                    batch, pending = self._collate(pending), []  # the copies go before the consumer gets the batch
+                    del item
+                    yield batch
         finally:
             samples.close()  # closing this iterator closes the reader's threads too
         if pending and not self.drop_last:
-            yield self._collate(pending)
+            batch, pending = self._collate(pending), []
+            yield batch
