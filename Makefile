@@ -7,6 +7,8 @@
 #   make test | make lint
 #   make bench [QUICK=1] [DATA_DIR=../shared/data] [STORE=path]: bench/all.py (every CPU benchmark, ~30 min;
 #              QUICK=1 ~5 min) | make bench-gpu (GPU hosts) | make results DATA_DIR=../shared/data (hours)
+#   make bench-scale [SCALE=100,400,1600] [KEEP=1] [ARGS=...]: training peak RSS and speed at x1/x4/x16 store
+#              sizes (bench/scaling.py --rss; stores in bench/out/scale-stores, reused, deleted unless KEEP=1)
 #
 # TORCH is the pip requirement for PyTorch: the CPU wheel here. On a GPU box set it to a CUDA build (index
 # options included) the first time .venv is created; pyproject's torch>=2.4 then keeps whatever you chose.
@@ -42,7 +44,7 @@ SHELL := /bin/bash
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.probecache-installed
 
-.PHONY: venv extract train sweep report test bench bench-gpu results lint clean-stores
+.PHONY: venv extract train sweep report test bench bench-scale bench-gpu results lint clean-stores
 
 venv: $(STAMP)
 
@@ -81,6 +83,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/all.py $(if $(QUICK),--quick) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
 		$(if $(STORE),--store "$(STORE)")
+
+SCALE ?= 100,400,1600
+bench-scale: $(STAMP)
+	$(BIN)/python bench/scaling.py --rss --limits $(SCALE) $(if $(KEEP),--keep) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
+		$(ARGS)
 
 bench-gpu: $(STAMP)
 	$(BIN)/python bench/gpu.py $(ARGS)

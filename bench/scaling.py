@@ -21,6 +21,15 @@ loop and epoch seconds against tokens. Memory is the kernel's high-water mark, r
     python bench/scaling.py                # x1 = 100 examples; T = 64, 256, 1024 at 16,384 tokens each
     python bench/scaling.py --quick        # x1 = 25; T = 64, 256, 1024 at 2,048 tokens (>= 3 examples)
     python bench/scaling.py --lengths 64,256,1024,2048      # adds T = 2048 (~1.5 min more)
+
+  3. ``--rss`` (bench/scaling_rss.py, instead of 1 and 2): training memory at x1 / x4 / x16 store sizes, each
+     epoch in its own child process (peak RSS = its VmHWM), with a shuffle buffer smaller than the smallest
+     store: peak RSS and tokens/s of a scoring and an MHA/8 epoch, loader / raw decompression, and a scoring
+     epoch from torch.save files. Stores go under ``--stores``, are reused when present and deleted unless
+     ``--keep`` (``make bench-scale``; docs/BENCHMARKS.md, "Scale").
+
+    python bench/scaling.py --rss                           # rotten_tomatoes, --limit 100,400,1600 (~25 min)
+    python bench/scaling.py --rss --limits 50,200,800 --keep    # smoke size, stores kept for a rerun
 """
 
 from __future__ import annotations
@@ -496,7 +505,33 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="bench/out")
     parser.add_argument("--scratch", help="folder for the temporary stores [a temp dir]; emptied at the end")
+    rss = parser.add_argument_group("--rss: training memory at three store sizes (bench/scaling_rss.py)")
+    rss.add_argument("--rss", action="store_true", help="run the memory benchmark instead of the sweeps")
+    rss.add_argument("--limits", default="100,400,1600", help="--limit per size, first = x1 [100,400,1600]")
+    rss.add_argument("--dataset", default="rotten_tomatoes")
+    rss.add_argument("--data-dir", default=None)
+    rss.add_argument("--shard-size", type=int, default=16, help="examples per segment [16]")
+    rss.add_argument("--buffer-tokens", type=int, default=512, help="shuffle buffer of every epoch [512]")
+    rss.add_argument("--max-tokens", type=int, default=512,
+                     help="truncate examples at extraction (a low cap gives every size the same longest example, "
+                          "so the same largest batch B x T_max: most of an epoch's RSS) [512, extract's default]")
+    rss.add_argument("--probes", default="scoring,mha", help="probes timed per size [scoring,mha (MHA/8)]")
+    rss.add_argument("--repeats", type=int, default=2, help="loader / raw repeats (4 runs each) [2]")
+    rss.add_argument("--no-torch-save", action="store_true", help="skip the torch.save comparison")
+    rss.add_argument("--stores", default="bench/out/scale-stores", help="where the stores live [%(default)s]")
+    rss.add_argument("--keep", action="store_true", help="keep the stores (a rerun reuses them)")
     args = parser.parse_args()
+    if args.rss:
+        import scaling_rss  # bench/scaling_rss.py
+
+        args.limits = [int(x) for x in args.limits.split(",")]
+        args.probes = [x for x in args.probes.split(",") if x]
+        if any(x not in scaling_rss.PROBES for x in args.probes) or len(args.limits) < 2:
+            parser.error(f"--probes takes {', '.join(scaling_rss.PROBES)}; --limits takes two or more sizes")
+        report = scaling_rss.run(args)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "scaling_rss.json").write_text(json.dumps(report, indent=1))
+        return
     sizes = [int(x) for x in (args.sizes or ("25,100,400" if args.quick else "100,400,1600")).split(",")]
     lengths = [int(x) for x in (args.lengths or "64,256,1024").split(",")]
     budget = args.budget or (2048 if args.quick else 16384)
