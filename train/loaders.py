@@ -33,6 +33,7 @@ from probecache.store.layers import Layers
 from probecache.store.reader import Store, open_store
 
 from .errors import TrainError
+from .memory import pin_mmap_threshold
 from .prefetch import read_ahead
 
 _MANIFEST_COLUMNS = ["example_id", "label", "n_tokens", "segment", "token_offset", "row"]
@@ -167,6 +168,7 @@ class TokenStream:
         if prefetch < 0 or (prefetch_threads is not None and prefetch_threads < 1):
             raise TrainError(f"prefetch must be >= 0 segments and prefetch_threads >= 1, got {prefetch} and "
                              f"{prefetch_threads}")
+        pin_mmap_threshold()  # large freed blocks go back to the kernel: RSS bounded by what is held (memory.py)
         self.store = _as_store(store)
         self.split = split
         self.layers = self.store.select_layers(layers)

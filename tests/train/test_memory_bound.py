@@ -150,3 +150,22 @@ def test_reads_are_one_per_segment_and_no_scans_per_example(stores, monkeypatch)
         assert calls["manifest"] == setup_manifest_scans  # the epochs never scan the manifest
         per_store[copies] = setup_manifest_scans
     assert per_store[1] == per_store[4] <= 2  # set-up scans are a constant, not per example or per segment
+
+
+@pytest.mark.parametrize(("env", "pinned"), [({}, True), ({"PROBECACHE_MALLOC_TUNING": "0"}, False)])
+def test_a_token_stream_pins_the_allocators_mmap_threshold(stores, env, pinned):
+    """glibc's dynamic mmap threshold lets peak RSS grow with the segments read (train/memory.py): a TokenStream
+    pins it for its process, unless PROBECACHE_MALLOC_TUNING=0 (checked in a fresh interpreter)."""
+    import os
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the pin is glibc's")
+    code = ("import sys; from probecache.train import memory; from probecache.train.loaders import TokenStream; "
+            "assert memory._pinned is None; TokenStream(sys.argv[1], 'train', buffer_tokens=64); "
+            "print(memory._pinned)")
+    base = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "PROBECACHE_MALLOC_TUNING")}
+    out = subprocess.run([sys.executable, "-c", code, str(stores[1].path)], env={**base, **env},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(pinned)
