@@ -210,3 +210,29 @@ def test_share_prefixes_needs_every_token(tiny_model, instructed_csv, tmp_path, 
     result = CliRunner().invoke(app, ["extract", "--dataset", f"csv:{instructed_csv}", "--model", str(tiny_model),
                                       "--root", str(tmp_path), "--no-progress", "--share-prefixes", "--tokens", "last"])
     one_line_error(result, "--share-prefixes", "--tokens all")
+
+
+# ---- store convert ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("options", "shares"), [
+    ({"tier": "mantissa-4"}, True), ({"tier": "int7", "layers": "0,-1"}, True), ({"tokens": "last-3"}, False),
+])
+def test_convert_of_a_sharing_store_is_the_direct_extraction(stores, tiny_model, instructed_csv, extract_tiny_store,
+                                                            tmp_path, options, shares):
+    from probecache.store.convert import convert_store
+    from probecache.store.reader import open_store
+
+    shared = stores["shared"]
+    converted = open_store(convert_store(shared.path, tmp_path, **options))
+    direct = extract_tiny_store(tiny_model, tmp_path / "direct", instructed_csv, prompt_format="chat",
+                                store_token_ids=True, batch_tokens=400, share_prefixes=shares, **options)
+    assert converted.store_id == direct.store_id
+    assert verify_store(converted.path).ok, verify_store(converted.path).problems
+    assert ("prefix_tokens" in converted.manifest().column_names) is shares
+    drop = ["segment"]
+    assert converted.manifest().drop(drop).equals(direct.manifest().drop(drop))  # same rows, same sharing
+    for eid in ids(direct):
+        assert torch.equal(converted.hidden(eid), direct.hidden(eid)), eid
+        assert torch.equal(converted.token_ids(eid), direct.token_ids(eid)), eid
+    assert torch.equal(converted.mean(), direct.mean()) and torch.equal(converted.last(), direct.last())
