@@ -13,6 +13,11 @@ system prompt) extracted with and without sharing, in alternating order, best of
 
     python bench/prefixes.py                      # 1,000 Rotten Tomatoes reviews, SmolLM2-135M bf16, CPU
     python bench/prefixes.py --quick              # 300 reviews, 1 repeat
+    python bench/prefixes.py --instruction        # each review behind the same fixed instruction (~190 tokens)
+
+``--instruction`` is the case the dedup is for: a classifier prompt that puts a fixed task description (a policy, a
+rubric, few-shot examples) in front of every text. The plain store then repeats a prefix longer than a 256-token
+zarr chunk's worth of matches zstd can find, and sharing stores it once per shard.
 """
 
 from __future__ import annotations
@@ -37,6 +42,17 @@ from probecache.store.prefixes import PrefixMatcher  # noqa: E402
 from probecache.store.reader import open_store  # noqa: E402
 from probecache.train.loaders import TokenStream  # noqa: E402
 
+# A fixed task description of the kind a classifier prompt puts before every text (written for this benchmark)
+INSTRUCTION = (
+    "You are a careful film critic's assistant. Your task is to read one short movie review and decide whether "
+    "the reviewer's overall opinion of the film is positive or negative. Read the whole review before deciding. "
+    "Guidelines: 1. Judge the reviewer's opinion of the film, not the events of its plot; a sad story can get a "
+    "glowing review. 2. Sarcasm and irony are common: 'a masterpiece of boredom' is negative. 3. Mixed reviews "
+    "are decided by the final verdict, usually in the last sentence. 4. Praise for one actor in an otherwise "
+    "dismissive review is still a negative review. 5. Comparisons to other films count only as far as they say "
+    "whether this film is good. 6. Ignore spelling mistakes, slang and missing punctuation. 7. If the review is "
+    "mostly a summary, look for the adjectives the reviewer chooses. Answer with exactly one word, positive or "
+    "negative, and nothing else.\n\nReview: ")
 MATCHERS: list[PrefixMatcher] = []  # every segment's matcher of the sharing extractions, for its counters
 
 
@@ -78,6 +94,22 @@ def loader_rates(stores: dict, layers: str, repeats: int) -> dict[str, float]:
     return {name: tokens[name] / best[name] for name in streams}
 
 
+def instructed_csv(name: str, path: Path) -> str:
+    """The dataset's examples with INSTRUCTION before each text, as a csv: dataset (same ids, labels, splits)."""
+    import csv
+
+    from probecache.extract.datasets import load_dataset
+
+    data = load_dataset(name)
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["id", "text", "label", "split"])
+        for split, examples in data.splits.items():
+            for e in examples:
+                out.writerow([e.example_id, INSTRUCTION + e.text, data.label_names[e.label], split])
+    return f"csv:{path}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="rotten_tomatoes")
@@ -86,12 +118,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--layers", default="8,16,24", help="the loader's layers")
     ap.add_argument("--quick", action="store_true", help="300 examples, 1 repeat")
+    ap.add_argument("--instruction", action="store_true",
+                    help="put the same fixed instruction (~190 tokens) before every text (a csv: dataset)")
     args = ap.parse_args()
     if args.quick:
         args.limit, args.repeats = 300, 1
     extract_shard.PrefixMatcher = CountingMatcher  # count what the sharing extractions decided
     root = Path(tempfile.mkdtemp(prefix="prefixes-"))
-    base = dict(dataset=args.dataset, limit=args.limit, model=args.model, dtype="bf16", device="cpu",
+    dataset = instructed_csv(args.dataset, root / "instructed.csv") if args.instruction else args.dataset
+    base = dict(dataset=dataset, limit=args.limit, model=args.model, dtype="bf16", device="cpu",
                 prompt_format="chat", progress=False)
     try:
         extract(ExtractConfig(**{**base, "limit": min(args.limit, 64)}, root=str(root / "warm-up")))  # one-off costs
@@ -113,7 +148,8 @@ def main() -> None:
         rates = loader_rates(stores, args.layers, max(args.repeats, 3))
         plain, shared = stats["plain"], stats["shared"]
         n = plain["n_tokens"]
-        print(f"{args.dataset}, {args.model} bf16, chat format, {plain['n_examples']} examples, {n:,} tokens "
+        behind = " behind a fixed instruction" if args.instruction else ""
+        print(f"{args.dataset}{behind}, {args.model} bf16, chat format, {plain['n_examples']} examples, {n:,} tokens "
               f"({n / plain['n_examples']:.1f} per example); best of {args.repeats}")
         print(f"shared: {decided['shared_examples']} examples share a prefix, {decided['shared_tokens']:,} tokens "
               f"({decided['shared_tokens'] / n:.1%}) stored once; stored tokens {shared['stored_tokens']:,}; "
