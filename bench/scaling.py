@@ -515,6 +515,8 @@ def main() -> None:
     rss.add_argument("--max-tokens", type=int, default=512,
                      help="truncate examples at extraction (a low cap gives every size the same longest example, "
                           "so the same largest batch B x T_max: most of an epoch's RSS) [512, extract's default]")
+    rss.add_argument("--layers", default="all", help="the probes' layers, e.g. 8,16,24 (also what the loader and "
+                     "raw decompression read) [all]")
     rss.add_argument("--probes", default="scoring,mha", help="probes timed per size [scoring,mha (MHA/8)]")
     rss.add_argument("--repeats", type=int, default=2, help="loader / raw repeats (4 runs each) [2]")
     rss.add_argument("--no-torch-save", action="store_true", help="skip the torch.save comparison")

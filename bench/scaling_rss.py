@@ -50,8 +50,9 @@ def mem_total_bytes() -> int:
 # ---- child processes: one measurement each ----------------------------------------------------------------
 
 
-def child_epoch(store_path: str, probe: str, buffer_tokens: int, source: str) -> dict:
-    """One epoch of ``probe`` from the store's token stream, or (``source`` = a folder) from torch.save files."""
+def child_epoch(store_path: str, probe: str, buffer_tokens: int, source: str, layers: str = "all") -> dict:
+    """One epoch of ``probe`` from the store's token stream, or (``source`` = a folder) from torch.save files (all
+    layers); ``layers``: the probe's layers in the store's layer grammar."""
     from probecache.store.reader import open_store
     from probecache.train.data import TokenBatches, labels_of, resolve_splits, split_examples
     from probecache.train.probes import ProbeConfig
@@ -63,13 +64,15 @@ def child_epoch(store_path: str, probe: str, buffer_tokens: int, source: str) ->
     splits = resolve_splits(store)
     counts = np.bincount(labels_of(store, splits.train), minlength=len(store.label_names))
     d = store.hidden_size
+    layer_list = store.select_layers(layers)
     downcast = PROBES[probe].get("downcast", 32)
-    variant = Variant(ProbeConfig(probe, store.n_layers, d, len(store.label_names), downcast=downcast,
+    n_layers = len(layer_list) if source == "store" else store.n_layers  # torch.save files hold every layer
+    variant = Variant(ProbeConfig(probe, n_layers, d, len(store.label_names), downcast=downcast,
                                   heads=auto_heads(d // downcast), norm="rms"),
                       TrainConfig(lr=1e-3, epochs=1, patience=1, seed=0))
     if source == "store":
-        train = TokenBatches(store, splits.train, None, 32, True, seed=0, buffer_tokens=buffer_tokens)
-        val = TokenBatches(store, splits.validation, None, 32, False, buffer_tokens=buffer_tokens)
+        train = TokenBatches(store, splits.train, layer_list, 32, True, seed=0, buffer_tokens=buffer_tokens)
+        val = TokenBatches(store, splits.validation, layer_list, 32, False, buffer_tokens=buffer_tokens)
     else:
         from baseline_formats import ReaderBatches, TorchSaveReader
 
@@ -106,7 +109,7 @@ class LargestBatch:
             yield batch
 
 
-def child_loader(store_path: str, buffer_tokens: int, repeats: int) -> dict:
+def child_loader(store_path: str, buffer_tokens: int, repeats: int, layers: str = "all") -> dict:
     """Loader / raw decompression of the train split, interleaved raw, loader, loader, raw per repeat."""
     from probecache.store.reader import open_store
     from probecache.train.data import resolve_splits
@@ -120,11 +123,11 @@ def child_loader(store_path: str, buffer_tokens: int, repeats: int) -> dict:
     for r in range(repeats):
         for name in ("raw", "loader", "loader", "raw"):
             if name == "raw":
-                seconds, tokens = raw_decode_seconds(store, splits.train.split)
+                seconds, tokens = raw_decode_seconds(store, splits.train.split, store.select_layers(layers))
                 raw.append(tokens / seconds)
             else:
-                stream = TokenStream(store, splits.train.split, batch_size=32, seed=0, buffer_tokens=buffer_tokens,
-                                     dtype=None, ids=splits.train.ids)
+                stream = TokenStream(store, splits.train.split, layers=layers, batch_size=32, seed=0,
+                                     buffer_tokens=buffer_tokens, dtype=None, ids=splits.train.ids)
                 started = time.perf_counter()
                 tokens = sum(int(b.mask.sum()) for b in stream.epoch(r))
                 loader.append(tokens / (time.perf_counter() - started))
@@ -185,9 +188,9 @@ def measure_size(args, limit: int, stores: Path, scratch: Path) -> dict:
              "train_tokens": int(sum(store.manifest(split="train", columns=["n_tokens"])["n_tokens"].to_pylist()))}
     log(f"x{limit}: store {size / 1e9:.2f} GB, {point['segments']} segments, extract {extract_s:.0f} s")
     for probe in args.probes:
-        point[probe] = run_child("epoch", str(store.path), probe, str(args.buffer_tokens), "store")
+        point[probe] = run_child("epoch", str(store.path), probe, str(args.buffer_tokens), "store", args.layers)
         log(f"  {probe}: peak RSS {point[probe]['peak_rss_mb']:,.0f} MB, {point[probe]['tokens_per_s']:,.0f} tok/s")
-    point["loader"] = run_child("loader", str(store.path), str(args.buffer_tokens), str(args.repeats))
+    point["loader"] = run_child("loader", str(store.path), str(args.buffer_tokens), str(args.repeats), args.layers)
     log(f"  loader / raw {point['loader']['ratio']:.3f}")
     if "scoring" in args.probes and not args.no_torch_save:
         folder = scratch / f"torch-save-{limit}"
@@ -265,9 +268,9 @@ def run(args) -> dict:
 if __name__ == "__main__":  # a child: `scaling_rss.py epoch STORE PROBE BUFFER SOURCE` | `loader STORE BUFFER REPEATS`
     kind, *rest = sys.argv[1:]
     if kind == "epoch":
-        result = child_epoch(rest[0], rest[1], int(rest[2]), rest[3])
+        result = child_epoch(rest[0], rest[1], int(rest[2]), rest[3], *rest[4:])
     elif kind == "loader":
-        result = child_loader(rest[0], int(rest[1]), int(rest[2]))
+        result = child_loader(rest[0], int(rest[1]), int(rest[2]), *rest[3:])
     else:
         sys.exit(f"unknown child {kind!r}: run bench/scaling.py --rss")
     print(json.dumps(result))

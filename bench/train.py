@@ -55,8 +55,8 @@ def evict_from_page_cache(store) -> None:
                 os.close(fd)
 
 
-def raw_decode_seconds(store, split: str) -> tuple[float, int]:
-    """Decode the split's token range of every segment's hidden array; nothing else."""
+def raw_decode_seconds(store, split: str, layers=None) -> tuple[float, int]:
+    """Decode the split's token range of every segment's hidden array (``layers``: those only); nothing else."""
     table = store.manifest(split=split, columns=["segment", "token_offset", "n_tokens"])
     ranges: dict[str, list[int]] = {}
     for seg, off, n in zip(*(table[c].to_pylist() for c in ("segment", "token_offset", "n_tokens")), strict=True):
@@ -65,7 +65,7 @@ def raw_decode_seconds(store, split: str) -> tuple[float, int]:
     started = time.perf_counter()
     tokens = 0
     for seg, (lo, hi) in ranges.items():
-        block = store.read_tokens(seg, lo, hi, decode=False)  # (L1, hi - lo, d)
+        block = store.read_tokens(seg, lo, hi, layers, decode=False)  # (L', hi - lo, d)
         tokens += block.shape[1]
     return time.perf_counter() - started, tokens
 
