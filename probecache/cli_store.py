@@ -17,9 +17,8 @@ from probecache.extract.config import default_root
 
 store_app = typer.Typer(
     help="Inspect and maintain stores: `ls` a root; `info`, `status`, `verify`, `gc` on one store; `push` and "
-    "`pull` copy stores to and from object storage; `convert` re-encodes a store at another value tier or cuts it to fewer layers or "
-    "tokens. Roots and "
-    "stores may be URLs: s3://bucket/prefix (a root), "
+    "`pull` copy stores to and from object storage; `convert` re-encodes a store at another value tier or cuts "
+    "it to fewer layers or tokens. Roots and stores may be URLs: s3://bucket/prefix (a root), "
     "s3://bucket/prefix/<store_id> (a store; AWS_* environment), gs://..., file://...",
     no_args_is_help=True,
 )

@@ -142,9 +142,10 @@ def test_extract_refuses_bad_subsets_in_one_line(tiny_model, sentiment_csv, tmp_
 
 
 def test_train_reads_the_layers_the_store_holds_and_refuses_others(stores, tmp_path, one_line_error):
-    from probecache.cli import app
     from probecache.train.runner import TrainOptions, train_run
     from probecache.train.sweep import Grid
+
+    from probecache.cli import app
 
     sub = stores["layers"]
     run = train_run(sub, TrainOptions(probe="scoring", grid=Grid("scoring", epochs=1), runs_dir=str(tmp_path),
