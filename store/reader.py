@@ -195,8 +195,9 @@ class Store:
     @cached_property
     def _index(self) -> dict[str, _Where]:
         """example_id -> its coordinates (_Where), built once from the manifest."""
-        t = self.manifest()
-        names = [c for c in _Where._fields if c in t.column_names]  # prefix_* only where prefixes are shared
+        present = self._committed[0].column_names
+        names = [c for c in _Where._fields if c in present]  # prefix_* only where prefixes are shared
+        t = self.manifest(columns=["example_id", *names])  # not the text column: it can dwarf the rest
         cols = [t[c].to_pylist() for c in names]
         return {eid: _Where(*where) for eid, *where in zip(t["example_id"].to_pylist(), *cols, strict=True)}
 
