@@ -43,6 +43,7 @@ TEXT_FIELD = pa.field("text", pa.string())  # only when the user opted in to sto
 # hidden[:, prefix_offset : prefix_offset + prefix_tokens] of its segment, its own n_tokens - prefix_tokens start at
 # token_offset; prefix_tokens = 0 shares nothing
 PREFIX_FIELDS = (pa.field("prefix_offset", pa.int64()), pa.field("prefix_tokens", pa.int32()))
+PREFIX_COLUMNS = tuple(f.name for f in PREFIX_FIELDS)
 STATS_KEY = b"probecache.shard_stats"
 # sha256 of the part's values and stats (content_digest): a flipped bit anywhere that pyarrow still parses
 # changes a value, and that changes the digest. Parts written before it existed carry none (still readable).

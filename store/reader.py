@@ -42,7 +42,7 @@ from .prefixes import example_ranges
 from .remote import Location, check_store_name, clean_key, parse_root
 from .roots import open_root
 from .tiers import SCALE_ARRAY, Tier, dequantize, scale_rows, store_tier
-from .token_policy import TokenPolicy, TokenPolicyError, store_token_policy
+from .token_policy import TokenPolicy, store_token_policy
 from .verified import CheckedFiles, FileRecord, VerifiedSegmentStore
 
 
@@ -109,11 +109,14 @@ class Store:
 
     @cached_property
     def token_policy(self) -> TokenPolicy:
-        """Which tokens of each prompt the store holds (store/token_policy.py; all unless extracted with --tokens)."""
-        try:
-            return store_token_policy(self.info)
-        except TokenPolicyError as e:
-            raise StoreError(f"{self.path}/store.json is damaged ({e}): restore it from a copy") from None
+        """Which tokens of each prompt the store holds (store/token_policy.py; all unless extracted with --tokens;
+        checked with the header, header.py)."""
+        return store_token_policy(self.info)
+
+    @property
+    def shares_prefixes(self) -> bool:
+        """Whether examples may reference a shared prefix (--share-prefixes; manifest prefix_offset/prefix_tokens)."""
+        return bool(self.info["capture"].get("shared_prefixes"))
 
     @cached_property
     def tier(self) -> Tier:

@@ -28,8 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from probecache.manifests.schema import PREFIX_COLUMNS
 from probecache.store.codecs import LOGICAL_DTYPES, from_storage
 from probecache.store.layers import Layers
+from probecache.store.prefixes import example_ranges
 from probecache.store.reader import Store, open_store
 
 from .errors import TrainError
@@ -51,10 +53,11 @@ def _labels(column) -> torch.Tensor:
     return torch.tensor([-1 if v is None else int(v) for v in column.to_pylist()], dtype=torch.long)
 
 
-def _split_manifest(store: Store, split: str | Sequence[str] | None, ids: Collection[str] | None = None):
+def _split_manifest(store: Store, split: str | Sequence[str] | None, ids: Collection[str] | None = None,
+                    extra_columns: Sequence[str] = ()):
     """The manifest rows of a split (optionally only the examples in ``ids``: a carved subset), storage order."""
     expr = None if ids is None else pc.field("example_id").isin(pa.array(sorted(ids), type=pa.string()))
-    table = store.manifest(split=split, columns=_MANIFEST_COLUMNS, filter=expr)
+    table = store.manifest(split=split, columns=[*_MANIFEST_COLUMNS, *extra_columns], filter=expr)
     if table.num_rows == 0:
         subset = "" if ids is None else f" among the {len(ids)} example ids given"
         raise TrainError(f"store {store.store_id} has no committed examples of split {split!r}{subset}")
@@ -117,10 +120,9 @@ class Batch:
 class _Example:
     example_id: str
     label: int
-    offset: int
     n_tokens: int
     # [start, stop) ranges on the segment's token axis whose concatenation is the example: one, or a shared prefix
-    # then its own tokens (--share-prefixes, store/prefixes.py); from Store.token_ranges
+    # then its own tokens (--share-prefixes, store/prefixes.py: example_ranges)
     ranges: list[tuple[int, int]]
 
 
@@ -187,14 +189,16 @@ class TokenStream:
         self._held_lock = threading.Lock()
         self._next_epoch = 0
 
-        table = _split_manifest(self.store, split, ids)
-        cols = [table[c].to_pylist() for c in ("example_id", "label", "segment", "token_offset", "n_tokens")]
+        prefix = list(PREFIX_COLUMNS) if self.store.shares_prefixes else []  # --share-prefixes stores only
+        table = _split_manifest(self.store, split, ids, prefix)
+        cols = [table[c].to_pylist() for c in ("example_id", "label", "segment", "token_offset", "n_tokens",
+                                                 *prefix)]
         self.example_ids: list[str] = cols[0]
         self._segments: dict[str, list[_Example]] = {}  # manifest order, grouped by segment
-        for eid, label, segment, offset, n in zip(*cols, strict=True):
+        for eid, label, segment, offset, n, *shared in zip(*cols, strict=True):
+            ranges = example_ranges(int(offset), int(n), *(int(v or 0) for v in shared))
             self._segments.setdefault(segment, []).append(_Example(eid, -1 if label is None else int(label),
-                                                                    int(offset), int(n),
-                                                                    self.store.token_ranges(eid)[1]))
+                                                                    int(n), ranges))
         self.n_tokens = sum(int(n) for n in cols[4])
 
     def __len__(self) -> int:
