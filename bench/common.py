@@ -61,3 +61,17 @@ def disk_bytes(folder: Path) -> tuple[int, int]:
             size += st.st_size
             allocated += st.st_blocks * 512
     return size, allocated
+
+
+def evict_from_page_cache(folder: Path) -> None:
+    """Drop every file under ``folder`` from the page cache (posix_fadvise DONTNEED: only these files, so a
+    benchmark running beside this one keeps its cache), so the next read comes from the disk. On a VM the host
+    may still serve it from its own cache (docs/BENCHMARKS.md, Machine)."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)

@@ -519,7 +519,11 @@ def main() -> None:
                      "raw decompression read) [all]")
     rss.add_argument("--probes", default="scoring,mha", help="probes timed per size [scoring,mha (MHA/8)]")
     rss.add_argument("--repeats", type=int, default=2, help="loader / raw repeats (4 runs each) [2]")
-    rss.add_argument("--no-torch-save", action="store_true", help="skip the torch.save comparison")
+    rss.add_argument("--no-torch-save", action="store_true", help="skip the parity comparison (store, decoded "
+                     "cache, torch.save files)")
+    rss.add_argument("--parity-repeats", type=int, default=2, help="interleaved repeats of the parity epochs [2]")
+    rss.add_argument("--cold", action="store_true", help="drop each source's files from the page cache before "
+                     "its parity epoch (posix_fadvise)")
     rss.add_argument("--stores", default="bench/out/scale-stores", help="where the stores live [%(default)s]")
     rss.add_argument("--keep", action="store_true", help="keep the stores (a rerun reuses them)")
     args = parser.parse_args()

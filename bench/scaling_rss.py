@@ -9,8 +9,11 @@ that process's own kernel high-water mark (VmHWM) and nothing one run allocated 
   after set-up (imports, store open, probe), tokens/s, and the stream's own ``peak_held_tokens``;
 - loader / raw decompression: tokens/s of the training token stream over tokens/s of just decoding the same
   segments (bench/train.py's ``raw_decode_seconds``), interleaved A B B A;
-- the same scoring epoch from one ``torch.save`` file per example (bench/baseline_formats.py's reader and
-  batches), written from the store into scratch and deleted after: seconds per epoch, ours / torch.save.
+- one probe at parity (issue 13, item 3): the scoring epoch from the store, from the store through a decoded
+  cache (store/decoded_cache.py; built by one epoch first, timed), and from one ``torch.save`` file per example
+  holding the probe's layers (bench/baseline_formats.py's reader and batches), written from the store into
+  scratch and deleted after; ``--parity-repeats`` interleaved repeats, each source's files dropped from the page
+  cache before its epoch with ``--cold``: seconds per epoch over torch.save's.
 
 Flat means: peak RSS at x4 and x16 within 10% of x1 (the issue's criterion), and tokens/s per epoch flat too
 (no per-example opens or manifest scans: tests/train/test_memory_bound.py counts them).
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import disk_bytes  # bench/common.py (bench/ is on sys.path)
+from common import disk_bytes, evict_from_page_cache  # bench/common.py (bench/ is on sys.path)
 
 PROBES = {"scoring": {}, "mha": {"downcast": 8}}
 BYTES_PER_TOKEN_BF16 = 2
@@ -51,8 +54,10 @@ def mem_total_bytes() -> int:
 
 
 def child_epoch(store_path: str, probe: str, buffer_tokens: int, source: str, layers: str = "all") -> dict:
-    """One epoch of ``probe`` from the store's token stream, or (``source`` = a folder) from torch.save files (all
-    layers); ``layers``: the probe's layers in the store's layer grammar."""
+    """One epoch of ``probe`` from the store's token stream (``source`` "store"), from it through a decoded cache
+    ("cache=FOLDER"), or (``source`` = a folder) from torch.save files holding the probe's layers; ``layers``: the
+    probe's layers in the store's layer grammar."""
+    from probecache.store.decoded_cache import DecodedCache
     from probecache.store.reader import open_store
     from probecache.train.data import TokenBatches, labels_of, resolve_splits, split_examples
     from probecache.train.probes import ProbeConfig
@@ -60,17 +65,18 @@ def child_epoch(store_path: str, probe: str, buffer_tokens: int, source: str, la
     from probecache.train.trainer import TrainConfig, Variant, fit_shared
 
     torch.manual_seed(0)
-    store = open_store(store_path)
+    cache = DecodedCache(Path(source.split("=", 1)[1]), 1 << 50) if source.startswith("cache=") else None
+    store = open_store(store_path, decoded_cache=cache)
     splits = resolve_splits(store)
     counts = np.bincount(labels_of(store, splits.train), minlength=len(store.label_names))
     d = store.hidden_size
     layer_list = store.select_layers(layers)
     downcast = PROBES[probe].get("downcast", 32)
-    n_layers = len(layer_list) if source == "store" else store.n_layers  # torch.save files hold every layer
-    variant = Variant(ProbeConfig(probe, n_layers, d, len(store.label_names), downcast=downcast,
+    variant = Variant(ProbeConfig(probe, len(layer_list), d, len(store.label_names), downcast=downcast,
                                   heads=auto_heads(d // downcast), norm="rms"),
                       TrainConfig(lr=1e-3, epochs=1, patience=1, seed=0))
-    if source == "store":
+    from_store = source == "store" or cache is not None
+    if from_store:
         train = TokenBatches(store, splits.train, layer_list, 32, True, seed=0, buffer_tokens=buffer_tokens)
         val = TokenBatches(store, splits.validation, layer_list, 32, False, buffer_tokens=buffer_tokens)
     else:
@@ -90,7 +96,9 @@ def child_epoch(store_path: str, probe: str, buffer_tokens: int, source: str, la
     out = {"epoch_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
            "base_rss_mb": base_kib / 1024, "peak_rss_mb": _status_kib("VmHWM") / 1024,
            "largest_batch_token_slots": max(train.largest, val.largest)}
-    if source == "store":
+    if cache is not None:
+        out["cache"] = {"hits": cache.stats.hits, "written": cache.stats.written, "skipped": cache.stats.skipped}
+    if from_store:
         out["peak_held_tokens"] = max(train.source.stream.peak_held_tokens, val.source.stream.peak_held_tokens)
         out["peak_buffered_tokens"] = train.source.stream.peak_buffered_tokens
     return out
@@ -147,9 +155,10 @@ def run_child(*args: str) -> dict:
 # ---- the parent: stores, torch.save copies, the table ------------------------------------------------------
 
 
-def write_torch_save(store, folder: Path) -> int:
-    """One torch.save file per train / validation example (bf16, (L+1, n, d)), as TorchSaveWriter writes them;
-    read segment by segment (one contiguous read each). Returns bytes on disk."""
+def write_torch_save(store, folder: Path, layers: str = "all") -> int:
+    """One torch.save file per train / validation example (bf16, (L', n, d): the probe's layers, the most a
+    per-example file layout can leave out), as TorchSaveWriter writes them; read segment by segment (one
+    contiguous read each). Returns bytes on disk."""
     from probecache.train.data import resolve_splits, split_examples
 
     splits = resolve_splits(store)
@@ -160,10 +169,10 @@ def write_torch_save(store, folder: Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     ids: list[str] = []
     for segment in dict.fromkeys(r[1] for r in rows):
-        block = store.read_tokens(segment)  # (L+1, T_segment, d) bf16
+        block = store.read_tokens(segment, layers=layers)  # (L', T_segment, d) bf16
         for eid, seg, offset, n in rows:
             if seg == segment:
-                torch.save(block[:, offset : offset + n].clone(), folder / f"{len(ids):06d}.pt")  # (L+1, n, d)
+                torch.save(block[:, offset : offset + n].clone(), folder / f"{len(ids):06d}.pt")  # (L', n, d)
                 ids.append(eid)
     (folder / "index.json").write_text(json.dumps(ids))
     return disk_bytes(folder)[0]
@@ -193,15 +202,45 @@ def measure_size(args, limit: int, stores: Path, scratch: Path) -> dict:
     point["loader"] = run_child("loader", str(store.path), str(args.buffer_tokens), str(args.repeats), args.layers)
     log(f"  loader / raw {point['loader']['ratio']:.3f}")
     if "scoring" in args.probes and not args.no_torch_save:
-        folder = scratch / f"torch-save-{limit}"
-        point["torch_save_bytes"] = write_torch_save(store, folder)
-        point["torch_save"] = run_child("epoch", str(store.path), "scoring", str(args.buffer_tokens), str(folder))
-        shutil.rmtree(folder)
-        log(f"  torch.save scoring epoch {point['torch_save']['epoch_s']:.1f} s, "
-            f"ours {point['scoring']['epoch_s']:.1f} s")
+        point["parity"] = measure_parity(args, store, scratch / f"parity-{limit}")
     if not args.keep:
         shutil.rmtree(store.path)
     return point
+
+
+def measure_parity(args, store, scratch: Path) -> dict:
+    """One scoring epoch from the store, from its decoded cache and from torch.save files of the same layers,
+    interleaved (the order rotates per repeat); ``--cold`` drops each source's files from the page cache first."""
+    folders = {"torch_save": scratch / "torch-save", "cache": scratch / "decoded"}
+    out = {"torch_save_bytes": write_torch_save(store, folders["torch_save"], args.layers)}
+    try:
+        started = time.perf_counter()
+        build = run_child("epoch", str(store.path), "scoring", str(args.buffer_tokens), f"cache={folders['cache']}",
+                          args.layers)  # the first epoch decodes from the store and keeps the blocks
+        out.update(cache_build=build, cache_build_wall_s=time.perf_counter() - started,
+                   cache_bytes=disk_bytes(folders["cache"])[0])
+        sources = {"store": "store", "cache": f"cache={folders['cache']}", "torch_save": str(folders["torch_save"])}
+        files = {"store": store.path / "segments", **folders}
+        names = list(sources)
+        runs: dict[str, list[dict]] = {name: [] for name in names}
+        for r in range(args.parity_repeats):
+            for name in names[r % 3:] + names[: r % 3]:
+                if args.cold:
+                    evict_from_page_cache(files[name])
+                runs[name].append(run_child("epoch", str(store.path), "scoring", str(args.buffer_tokens),
+                                            sources[name], args.layers))
+        for name in names:
+            out[name] = {"epoch_s": [x["epoch_s"] for x in runs[name]],
+                         "median_s": statistics.median(x["epoch_s"] for x in runs[name]),
+                         "peak_rss_mb": max(x["peak_rss_mb"] for x in runs[name])}
+        out["cache"]["written"] = sum(x["cache"]["written"] for x in runs["cache"])  # 0: every block came from it
+        out["ratios"] = {name: [a / b for a, b in zip(out[name]["epoch_s"], out["torch_save"]["epoch_s"],
+                                                        strict=True)] for name in ("store", "cache")}
+        log(f"  scoring epoch s: store {out['store']['median_s']:.1f}, decoded cache {out['cache']['median_s']:.1f} "
+            f"(built in {build['epoch_s']:.1f}), torch.save {out['torch_save']['median_s']:.1f}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out
 
 
 def log(message: str) -> None:
@@ -232,13 +271,22 @@ def table(points: list[dict], probes: list[str]) -> str:
              [f"{p[probe]['largest_batch_token_slots']:,}" for p in points]),
         ]
     rows.append(("loader / raw decompression (median)", [f"{p['loader']['ratio']:.3f}" for p in points]))
-    if "torch_save" in first:
+    if "parity" in first:
+        def median_ratio(p: dict, name: str) -> str:
+            q = p["parity"]
+            return (f"{q[name]['median_s']:.1f} / {q['torch_save']['median_s']:.1f} = "
+                    f"**{statistics.median(q['ratios'][name]):.2f}**")
+
         rows += [
-            ("torch.save files GB", [f"{p['torch_save_bytes'] / 1e9:.2f}" for p in points]),
-            ("scoring epoch s: ours / torch.save",
-             [f"{p['scoring']['epoch_s']:.1f} / {p['torch_save']['epoch_s']:.1f} = "
-              f"{p['scoring']['epoch_s'] / p['torch_save']['epoch_s']:.2f}" for p in points]),
-            ("torch.save epoch: peak RSS MB", [f"{p['torch_save']['peak_rss_mb']:,.0f}" for p in points]),
+            ("torch.save files GB (the probe's layers) / decoded cache GB",
+             [f"{p['parity']['torch_save_bytes'] / 1e9:.2f} / {p['parity']['cache_bytes'] / 1e9:.2f}" for p in points]),
+            ("scoring epoch s, median: store / torch.save", [median_ratio(p, "store") for p in points]),
+            ("scoring epoch s, median: decoded cache / torch.save", [median_ratio(p, "cache") for p in points]),
+            ("the epoch that builds the cache / a store epoch",
+             [f"{p['parity']['cache_build']['epoch_s'] / p['parity']['store']['median_s']:.2f}" for p in points]),
+            ("peak RSS MB: store / decoded cache / torch.save",
+             [" / ".join(f"{p['parity'][n]['peak_rss_mb']:,.0f}" for n in ("store", "cache", "torch_save"))
+              for p in points]),
         ]
     lines = ["| metric | " + " | ".join(f"x{p['limit'] / first['limit']:g}" for p in points) + " |",
              "|---" * (len(points) + 1) + "|"]

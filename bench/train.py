@@ -34,25 +34,13 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from common import evict_from_page_cache  # noqa: E402  (bench/common.py)
 from probecache.store.reader import Store, open_store  # noqa: E402
 from probecache.train.data import batch_source, labels_of, resolve_splits  # noqa: E402
 from probecache.train.loaders import TokenStream  # noqa: E402
 from probecache.train.probes import ProbeConfig  # noqa: E402
 from probecache.train.sweep import auto_heads  # noqa: E402
 from probecache.train.trainer import TrainConfig, Variant, fit_shared  # noqa: E402
-
-
-def evict_from_page_cache(store) -> None:
-    """Drop this store's segment files from the page cache (posix_fadvise DONTNEED: only these files, so a
-    benchmark running beside this one keeps its cache), so the next read comes from the disk."""
-    for path in (Path(store.path) / "segments").rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def raw_decode_seconds(store, split: str, layers=None) -> tuple[float, int]:
@@ -143,7 +131,7 @@ def main() -> None:
         runs = ["raw", *readers]
         for name in runs[r % len(runs):] + runs[: r % len(runs)]:
             if args.cold:
-                evict_from_page_cache(store)
+                evict_from_page_cache(Path(store.path) / "segments")
             if name == "raw":
                 raw_s, raw_tokens = raw_decode_seconds(store, splits.train.split)
                 raw_rates.append(raw_tokens / raw_s)

@@ -95,24 +95,17 @@ def _dask_shard(config: ExtractConfig, shard_id: int) -> dict:
 
 def run_dask(prep, launch: LaunchConfig, pending: list[int]):
     """One task per pending shard on a dask cluster (a LocalCluster unless --scheduler is given)."""
-    try:
-        from dask.distributed import Client, LocalCluster, as_completed
-    except ImportError:  # an optional extra: extraction on one machine does not need it
-        raise ExtractError("--executor dask needs dask.distributed: pip install 'probecache[dask]'") from None
+    from probecache.cluster.dask_clusters import SlurmResources, dask_client
 
     from .shard import RunTotals
 
     config = replace(prep.config, progress=False)  # workers log nothing; the driver reports commits
-    cluster = None
-    if launch.scheduler == "slurm":
-        cluster = _slurm_dask_cluster(launch, prep.layout.path / "logs")
-        client = Client(cluster)
-    elif launch.scheduler:
-        client = Client(launch.scheduler)
-    else:
-        cluster = LocalCluster(n_workers=launch.workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
-        client = Client(cluster)
+    slurm = SlurmResources(launch.partition, launch.time_limit, launch.cpus_per_task, launch.mem, launch.gpus,
+                           str(prep.layout.path / "logs"))  # worker jobs' output next to the store's logs
+    client, cluster = dask_client(launch.workers, launch.scheduler, ExtractError,
+                                  "--executor dask needs dask.distributed: pip install 'probecache[dask]'", slurm)
+    from dask.distributed import as_completed
+
     try:
         futures = [client.submit(_dask_shard, config, s, key=f"probecache-{prep.store_id}-shard-{s}",
                                  retries=3, pure=False) for s in pending]
@@ -127,24 +120,6 @@ def run_dask(prep, launch: LaunchConfig, pending: list[int]):
     totals = RunTotals()
     totals.shards = len(pending)
     return totals
-
-
-def _slurm_dask_cluster(launch: LaunchConfig, logs: Path):
-    """dask workers as SLURM jobs (dask-jobqueue): one single-process worker per job, `--workers` jobs."""
-    try:
-        from dask_jobqueue import SLURMCluster
-    except ImportError:
-        raise ExtractError("--scheduler slurm needs dask-jobqueue: pip install 'probecache[cluster]'") from None
-    extra = [f"--gres=gpu:{launch.gpus}"] if launch.gpus else []
-    cluster = SLURMCluster(
-        cores=launch.cpus_per_task or 1, processes=1, memory=launch.mem or "4GB", queue=launch.partition,
-        walltime=launch.time_limit or "01:00:00", job_extra_directives=extra, python=sys.executable,
-        # the workers' start-up (imports, model load) must not count against dask's connection timeouts
-        worker_extra_args=["--nthreads", "1"],
-        log_directory=str(logs),  # worker jobs' slurm-*.out next to the store's other logs
-    )
-    cluster.scale(jobs=launch.workers)
-    return cluster
 
 
 # ---- SLURM ------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from probecache.extract.config import default_root
 store_app = typer.Typer(
     help="Inspect and maintain stores: `ls` a root; `info`, `status`, `verify`, `gc` on one store; `push` and "
     "`pull` copy stores to and from object storage; `convert` re-encodes a store at another value tier or cuts "
-    "it to fewer layers or tokens. Roots and stores may be URLs: s3://bucket/prefix (a root), "
+    "it to fewer layers or tokens; `decoded-cache` shows or clears train --decoded-cache's local copies. Roots and "
+    "stores may be URLs: s3://bucket/prefix (a root), "
     "s3://bucket/prefix/<store_id> (a store; AWS_* environment), gs://..., file://...",
     no_args_is_help=True,
 )
@@ -214,6 +215,39 @@ def store_gc(
         return
     for line in format_gc(report):
         typer.echo(line)
+
+
+@store_app.command("decoded-cache")
+def store_decoded_cache(
+    folder: Annotated[str | None, typer.Option("--dir", help="The cache's folder \\[default: "
+                                               "$PROBECACHE_CACHE/decoded].", show_default=False)] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Delete the entries (of --store only, if given).")] = False,
+    store_id: Annotated[str | None, typer.Option("--store", help="Only this store id's entries.",
+                                                 show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show (or --clear) the decoded cache that `train --decoded-cache` fills: bytes per store id.
+
+    Entries are uncompressed copies of the blocks training read; deleting them is always safe (a reader that finds
+    its entry gone reads the store), so --clear may run while training runs.
+    """
+    from probecache.store.decoded_cache import DecodedCache, default_dir
+
+    cache = DecodedCache(Path(folder).expanduser() if folder else default_dir(), 0)
+    freed = cache.clear(store_id) if clear else 0
+    usage = {k: v for k, v in cache.usage().items() if store_id is None or k == store_id}
+    if as_json:
+        typer.echo(json.dumps({"folder": str(cache.root), "freed_bytes": freed,
+                               "stores": {k: {"entries": n, "bytes": b} for k, (n, b) in usage.items()}}, indent=1))
+        return
+    if clear:
+        typer.echo(f"freed {freed / 2**30:.2f} GiB")
+    if not usage:
+        typer.echo(f"{cache.root}: empty")
+        return
+    rows = [[k, str(n), f"{b / 2**30:.2f}"] for k, (n, b) in sorted(usage.items())]
+    print_table([["store", "entries", "GiB"], *rows])
+    typer.echo(f"{cache.root}: {sum(b for _, b in usage.values()) / 2**30:.2f} GiB in all")
 
 
 @store_app.command("push")

@@ -122,6 +122,14 @@ def register(app: typer.Typer) -> None:
         buffer_tokens: Annotated[int, typer.Option(help="Shuffle buffer bound (tokens): memory = tokens x layers x "
                                                         "d x 2 B.", rich_help_panel=_DATA)
                                  ] = TrainOptions.buffer_tokens,
+        decoded_cache: Annotated[str | None, typer.Option(
+            help="Keep an uncompressed local copy of the blocks this run reads (its layers only), up to this size "
+                 "(500M, 20G): later epochs and later runs on the same layers copy them instead of decoding zstd. "
+                 "Checked on every read, least recently used evicted; `probecache store decoded-cache` shows or "
+                 "clears it. \\[default: none]", rich_help_panel=_DATA, show_default=False)] = None,
+        decoded_cache_dir: Annotated[str | None, typer.Option(
+            help="Folder of --decoded-cache \\[default: $PROBECACHE_CACHE/decoded].", rich_help_panel=_DATA,
+            show_default=False)] = None,
         runs_dir: Annotated[str, typer.Option(help="Where run folders go \\[default: $PROBECACHE_RUNS or runs].",
                                               rich_help_panel=_OUT, show_default=False)] = "",
         device: Annotated[str, typer.Option(help="cpu | cuda[:N] | mps | auto.", rich_help_panel=_OUT)
@@ -133,15 +141,29 @@ def register(app: typer.Typer) -> None:
                                               rich_help_panel=_RUN)] = TrainOptions.executor,
         workers: Annotated[int, typer.Option(help="dask: shares of the sweep (and LocalCluster worker processes).",
                                              rich_help_panel=_RUN)] = TrainOptions.workers,
-        scheduler: Annotated[str | None, typer.Option(help="dask: a running scheduler's address (tcp://host:8786) "
+        scheduler: Annotated[str | None, typer.Option(help="dask: a running scheduler's address (tcp://host:8786), "
+                                                           "or slurm: --workers SLURM jobs (dask-jobqueue) "
                                                            "\\[default: a LocalCluster].", rich_help_panel=_RUN,
                                                       show_default=False)] = TrainOptions.scheduler,
+        partition: Annotated[str | None, typer.Option(help="--scheduler slurm: the jobs' partition.",
+                                                      rich_help_panel=_RUN, show_default=False)] = None,
+        time_limit: Annotated[str | None, typer.Option("--time", help="--scheduler slurm: each job's time limit "
+                                                       "\\[default: 01:00:00].", rich_help_panel=_RUN,
+                                                       show_default=False)] = None,
+        cpus_per_task: Annotated[int | None, typer.Option(help="--scheduler slurm: each job's CPUs; a task runs "
+                                                               "as many torch threads as this process, whatever it "
+                                                               "gets \\[default: 1].", rich_help_panel=_RUN,
+                                                          show_default=False)] = None,
+        mem: Annotated[str | None, typer.Option(help="--scheduler slurm: each job's memory, e.g. 16GB "
+                                                     "\\[default: 4GB].", rich_help_panel=_RUN,
+                                                show_default=False)] = None,
     ) -> None:
         """Train a probe (or a sweep of them, reading each batch once) on a store; select on validation, test once.
 
         Writes runs/<id>/ (config.json, metrics.json, probe.safetensors, results.md, plots/) and prints
         `run: <path>` last.
         """
+        from probecache.cluster.dask_clusters import SlurmResources
         from probecache.train.runner import train_run
 
         try:
@@ -155,6 +177,7 @@ def register(app: typer.Typer) -> None:
                 raise CliError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
             if len(class_weight) != 1 and probe in ("linear", "muli", "tfidf"):
                 raise CliError(f"--probe {probe} (a baseline) takes a single --class-weight, got {len(class_weight)}")
+            slurm = SlurmResources(partition=partition, time_limit=time_limit, cpus_per_task=cpus_per_task, mem=mem)
             options = TrainOptions(probe=probe, grid=grid, cs=tuple(c) or None, readout=readout,
                                    class_weight=class_weight[0], layers=parse_layers(layers, st.n_layers),
                                    metric=metric, train_split=train_split, validation_split=validation_split,
@@ -162,6 +185,8 @@ def register(app: typer.Typer) -> None:
                                    validation_fraction=validation_fraction, runs_dir=runs_dir or default_runs_dir(),
                                    device=device, buffer_tokens=buffer_tokens, progress=progress,
                                    executor=executor, workers=workers, scheduler=scheduler,
+                                   slurm=slurm,
+                                   decoded_cache=decoded_cache, decoded_cache_dir=decoded_cache_dir,
                                    extra={"argv": sys.argv[1:]})
             run_dir = train_run(st, options)
         except user_errors() as e:

@@ -33,6 +33,7 @@ from probecache.manifests.schema import (
 )
 
 from .codecs import from_storage, storage_dtype
+from .decoded_cache import DecodedCache
 from .errors import StoreError
 from .header import label_name_mismatch, read_header, stored_layers
 from .layers import Layers, LayerSelectionError, format_layers, layer_runs, select_layers
@@ -57,15 +58,20 @@ class _Where(NamedTuple):
     prefix_tokens: int = 0
 
 
-def open_store(path_or_url: str | Path, cache_size: str | int | None = None) -> Store:
+def open_store(path_or_url: str | Path, cache_size: str | int | None = None,
+               decoded_cache: DecodedCache | None = None) -> Store:
     """Open a store for reading: a folder ``<root>/<store_id>`` (or file:// URL), or an object-store URL
     ``s3://bucket/prefix/<store_id>`` (also gs://, memory://) read through a size-capped local mirror
-    (``cache_size``, default $PROBECACHE_REMOTE_CACHE_SIZE or 20G; see mirror.py)."""
+    (``cache_size``, default $PROBECACHE_REMOTE_CACHE_SIZE or 20G; see mirror.py). ``decoded_cache``: token
+    streams of this store read through it (decoded_cache.py)."""
     parsed = parse_root(path_or_url)
     if isinstance(parsed, Location):
         mirror = Mirror(parsed.url, cache_size)
-        return Store(mirror.path, mirror)
-    return Store(parsed)
+        store = Store(mirror.path, mirror)
+    else:
+        store = Store(parsed)
+    store.decoded_cache = decoded_cache
+    return store
 
 
 class Store:
@@ -79,6 +85,8 @@ class Store:
         self.info: dict = read_header(self.layout.path)
         self._groups: dict[str, zarr.Group] = {}
         self._checked = CheckedFiles()
+        # token streams read their blocks through it when set (--decoded-cache): uncompressed local copies
+        self.decoded_cache: DecodedCache | None = None
 
     @property
     def path(self) -> Path:

@@ -5,6 +5,7 @@ still a dependency), relative imports resolved, and the graph checked against th
 
     manifests  <  store  <  extract, train  <  serve  <  probecache (CLI, the front door)
     lm (model + tokenisation)  <  extract, serve
+    cluster (where fanned-out work runs: dask clusters)  <  extract, train
 
 A stage never imports the front door; store and manifests import no higher stage; train imports neither the
 extract stage nor transformers (not even through another of our modules, not even lazily); no module cycle
@@ -21,23 +22,24 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("manifests", "store", "lm", "extract", "train", "serve")
+STAGES = ("manifests", "store", "lm", "cluster", "extract", "train", "serve")
 FRONT_DOOR = "probecache"
 # the stages each stage may import (itself always)
 ALLOWED = {
     "manifests": set(),
     "store": {"manifests"},
     "lm": set(),
-    "extract": {"manifests", "store", "lm"},
-    "train": {"manifests", "store", "lm"},
-    "serve": {"manifests", "store", "lm", "train"},
+    "cluster": set(),
+    "extract": {"manifests", "store", "lm", "cluster"},
+    "train": {"manifests", "store", "lm", "cluster"},
+    "serve": {"manifests", "store", "lm", "train", "cluster"},
 }
 # third-party packages a stage may never import, directly or through any of our modules it imports
 NEVER = {"train": {"transformers"}, "store": {"transformers", "sklearn", "matplotlib"},
          "manifests": {"torch", "transformers", "zarr"}}
 # third-party packages importing a stage's modules must not load (module-level imports, followed)
 NOT_AT_IMPORT = {stage: {"sklearn", "scipy", "matplotlib", "dask", "distributed"}
-                 for stage in ("store", "lm", "extract", "serve")}
+                 for stage in ("store", "lm", "cluster", "extract", "serve")}
 
 
 def module_files() -> dict[str, Path]:

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from probecache.cluster.dask_clusters import SlurmResources, dask_client
 
 from .data import Splits
 from .errors import TrainError
@@ -107,19 +108,22 @@ def _rebuild(plain: dict, variant: Variant, device: torch.device) -> FitResult:
 
 
 def fit_share(store_ref: str, variants: Sequence[Variant], splits: Splits, metric: str, layers: Layers,
-              device: str, buffer_tokens: int, data_seed: int, threads: int) -> dict:
+              device: str, buffer_tokens: int, data_seed: int, threads: int,
+              decoded_cache: tuple[str, int] | None = None) -> dict:
     """One dask task: open the store, fit this share of the variants as the local sweep would, return plain values.
 
     ``threads``: the driver's torch intra-op thread count, used for this task so that CPU kernels sum in the
-    driver's order (a dask worker starts with its own count, often 1).
+    driver's order (a dask worker starts with its own count, often 1). ``decoded_cache``: the driver's
+    (folder, limit), opened on the worker's host (store/decoded_cache.py).
     """
+    from probecache.store.decoded_cache import DecodedCache
     from probecache.store.reader import open_store
 
     started = time.perf_counter()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        store = open_store(store_ref)
+        store = open_store(store_ref, decoded_cache=DecodedCache(*decoded_cache) if decoded_cache else None)
         fitted = fit_groups(store, variants, splits, metric, layers, device, buffer_tokens, data_seed,
                             progress=False)
     finally:
@@ -131,39 +135,25 @@ def fit_share(store_ref: str, variants: Sequence[Variant], splits: Splits, metri
 # ---- the driver side --------------------------------------------------------------------------------------
 
 
-def _client(workers: int, scheduler: str | None):
-    """(client, cluster or None): a client of the scheduler at ``scheduler``, else of a new LocalCluster."""
-    try:
-        from dask.distributed import Client, LocalCluster
-    except ImportError:  # an optional extra: a sweep on one machine does not need it
-        raise TrainError(DASK_MISSING) from None
-    if scheduler:
-        try:
-            return Client(scheduler, timeout="30s"), None
-        except (OSError, TimeoutError) as e:
-            raise TrainError(f"cannot reach the dask scheduler at {scheduler} ({e}): start it (`dask scheduler`) "
-                             f"or pass its address as printed") from None
-    # one thread per worker process: each task sets the driver's torch thread count itself
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-    return Client(cluster), cluster
-
-
 def fit_on_dask(store, variants: Sequence[Variant], splits: Splits, metric: str, layers: Layers = None,
                 device: torch.device | str = "cpu", buffer_tokens: int = 65536, data_seed: int = 0,
-                workers: int = 2, scheduler: str | None = None, progress: bool = True) -> dict[Variant, FitResult]:
-    """Fit ``variants`` in ``workers`` shares on a dask cluster; results by variant, as :func:`fit_groups` gives."""
+                workers: int = 2, scheduler: str | None = None, progress: bool = True,
+                slurm: SlurmResources = SlurmResources()) -> dict[Variant, FitResult]:
+    """Fit ``variants`` in ``workers`` shares on a dask cluster (a LocalCluster; ``scheduler`` "slurm": SLURM jobs
+    asking for ``slurm``; else a running scheduler's address); results by variant, as :func:`fit_groups` gives."""
     shares = partition(variants, workers)
     device = torch.device(device)
     store_ref = store.url or str(store.path.resolve())  # each task opens the store itself
     threads = torch.get_num_threads()
+    decoded_cache = store.decoded_cache.spec if store.decoded_cache is not None else None
     sweep_id = uuid.uuid4().hex[:12]  # task keys unique per sweep: two sweeps may share a scheduler
-    client, cluster = _client(workers, scheduler)
+    client, cluster = dask_client(workers, scheduler, TrainError, DASK_MISSING, slurm)
     fitted: dict[Variant, FitResult] = {}
     try:
         from dask.distributed import as_completed
 
         futures = {client.submit(fit_share, store_ref, share, splits, metric, layers, str(device), buffer_tokens,
-                                 data_seed, threads, key=f"probecache-sweep-{sweep_id}-share-{i}",
+                                 data_seed, threads, decoded_cache, key=f"probecache-sweep-{sweep_id}-share-{i}",
                                  retries=2, pure=False): i for i, share in enumerate(shares)}
         for future in as_completed(futures):
             done = future.result()

@@ -10,7 +10,8 @@
   by ``buffer_tokens`` real tokens, from which examples are drawn in a seeded random order and padded into
   batches to the batch's own longest example. The segment reads of an epoch run ahead on a background thread
   (``prefetch`` segments, train/prefetch.py) while the consumer keeps the serial order, so the batches are
-  identical with or without it.
+  identical with or without it. A store with a ``decoded_cache`` (store/decoded_cache.py, ``train
+  --decoded-cache``) serves those reads from uncompressed, checked local copies after the first.
 
 Only the manifest is filtered by split; segments without examples of the split are never opened. zarr
 integer-list selection (~40x slower than a slice) is never used. This module imports neither
@@ -20,6 +21,8 @@ integer-list selection (~40x slower than a slice) is never used. This module imp
 from __future__ import annotations
 
 import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,18 +82,45 @@ class PooledData:
         return len(self.example_ids)
 
 
+# decoded pooled tiers, per open store: a sweep's groups (one per batch size), its test read and a second sweep
+# on the same Store object load a split once. Entries are shared: callers index them, never write into them.
+_POOLED_MEMO: weakref.WeakKeyDictionary[Store, OrderedDict[tuple, PooledData]] = weakref.WeakKeyDictionary()
+# per store, in bytes of x (N x L' x d x 4): a tier larger than this is read again when asked again, so holding
+# splits past their use never costs more than this
+_POOLED_MEMO_BYTES = 1 << 30
+_POOLED_MEMO_LOCK = threading.Lock()
+
+
 def load_pooled(store: Store | str | Path, split: str | Sequence[str] | None, kind: str = "mean",
                 layers: Layers = None, ids: Collection[str] | None = None) -> PooledData:
     """Per-example pooled states of a split in manifest order: x (N, L', d) float32, y (N,) from ``label``.
 
     Each segment's ``kind`` array is read whole (one read per run of consecutive layers), then the split's
-    rows are picked in memory: no per-example reads. ``ids`` keeps only those examples of the split.
+    rows are picked in memory: no per-example reads. ``ids`` keeps only those examples of the split. The result
+    is kept for the open store (the splits loaded last, up to 1 GiB) and returned again for the same arguments:
+    treat its tensors as read-only.
     """
     if kind not in ("mean", "last"):
         raise ValueError(f"kind must be 'mean' or 'last', not {kind!r}")
     store = _as_store(store)
-    table = _split_manifest(store, split, ids)
     layer_list = store.select_layers(layers)
+    key = (split if isinstance(split, str | None) else tuple(split), kind, tuple(layer_list),
+           None if ids is None else tuple(sorted(ids)))
+    with _POOLED_MEMO_LOCK:
+        memo = _POOLED_MEMO.setdefault(store, OrderedDict())
+        if key in memo:
+            memo.move_to_end(key)
+            return memo[key]
+    data = _read_pooled(store, split, kind, layer_list, ids)
+    with _POOLED_MEMO_LOCK:
+        memo[key] = data
+        while sum(d.x.nbytes for d in memo.values()) > _POOLED_MEMO_BYTES:
+            memo.popitem(last=False)
+    return data
+
+
+def _read_pooled(store: Store, split, kind: str, layer_list: list[int], ids) -> PooledData:
+    table = _split_manifest(store, split, ids)
     segments = table["segment"].to_pylist()
     rows = np.asarray(table["row"].to_pylist(), dtype=np.int64)
     x = torch.empty((table.num_rows, len(layer_list), store.hidden_size), dtype=torch.float32)
@@ -236,7 +266,11 @@ class TokenStream:
         examples = self._segments[segment]
         lo = min(start for e in examples for start, _ in e.ranges)  # a shared prefix may lie before the split's own
         hi = max(stop for e in examples for _, stop in e.ranges)
-        block = self.store.read_tokens(segment, lo, hi, self.layers, decode=False)  # (L', hi - lo, d) stored values
+        cache = self.store.decoded_cache  # --decoded-cache: an uncompressed, checked local copy when there is one
+        if cache is None:
+            block = self.store.read_tokens(segment, lo, hi, self.layers, decode=False)  # (L', hi - lo, d) stored
+        else:
+            block = cache.read_tokens(self.store, segment, lo, hi, self.layers)  # the same stored values
         out = []
         for e in examples:
             parts = [block[:, start - lo : stop - lo] for start, stop in e.ranges]  # L' x (k, d), k summing to n

@@ -10,6 +10,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from probecache.cluster.dask_clusters import SlurmResources
+
 from .choices import ALL_PROBES, CLASS_WEIGHTS, DEFAULT_RUNS_DIR, PROBE_KINDS, READOUTS
 from .errors import TrainError
 
@@ -53,7 +55,13 @@ class TrainOptions:
     progress: bool = True
     executor: str = "local"  # dask: a probe sweep's fitting split into --workers shares on a dask cluster
     workers: int = 2  # dask: how many shares (and LocalCluster worker processes without --scheduler)
-    scheduler: str | None = None  # dask: a running scheduler's address (tcp://host:8786); None = a LocalCluster
+    scheduler: str | None = None  # dask: a running scheduler's address (tcp://host:8786), "slurm" (dask-jobqueue
+    # workers as SLURM jobs asking for ``slurm``), None = a LocalCluster
+    slurm: SlurmResources = field(default_factory=SlurmResources)
+    # token streams read through an uncompressed local copy of the blocks they use, up to this size (500M, 20G;
+    # None or 0: off), kept under decoded_cache_dir (default $PROBECACHE_CACHE/decoded): store/decoded_cache.py
+    decoded_cache: str | None = None
+    decoded_cache_dir: str | None = None
     extra: dict = field(default_factory=dict)  # recorded in config.json under options (the CLI puts its argv)
 
     def __post_init__(self) -> None:
@@ -67,9 +75,20 @@ class TrainOptions:
         if bad:
             raise TrainError(f"--C must be a positive finite number, got {bad[0]}")
         self._check_executor()
+        self._check_decoded_cache()
         from probecache.lm.devices import resolve_device  # torch: imported when options are made, not for --help
 
         self.device = resolve_device(self.device, TrainError)  # before any data is read: one line, not torch's assert
+
+    def _check_decoded_cache(self) -> None:
+        from probecache.store.decoded_cache import DecodedCache
+        from probecache.store.errors import StoreError
+
+        try:
+            DecodedCache.from_option(self.decoded_cache, self.decoded_cache_dir)
+        except StoreError:
+            raise TrainError(f"--decoded-cache {self.decoded_cache!r}: give a size such as 500M or 20G (0: no cache)"
+                             ) from None
 
     def _check_executor(self) -> None:
         if self.executor not in EXECUTORS:
@@ -84,8 +103,10 @@ class TrainOptions:
             raise TrainError(f"--executor dask splits a probe sweep ({', '.join(PROBE_KINDS)}); the {self.probe} "
                              f"baseline is fitted in this process: drop --executor dask")
         if self.scheduler == "slurm":
-            raise TrainError("train --scheduler takes a running dask scheduler's address (tcp://host:8786); start "
-                             "the workers yourself (dask-jobqueue, or `dask worker ADDRESS` in a batch job)")
+            try:
+                import dask_jobqueue  # noqa: F401
+            except ImportError:
+                raise TrainError("--scheduler slurm needs dask-jobqueue: pip install 'probecache[cluster]'") from None
         try:  # before any data is read: the missing extra is one line, not a traceback mid-run
             import dask.distributed  # noqa: F401
         except ImportError:

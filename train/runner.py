@@ -19,7 +19,7 @@ from __future__ import annotations
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from probecache.lm.devices import resolve_device
+from probecache.store.decoded_cache import DecodedCache, report_decoded_cache
 from probecache.store.header import label_name_mismatch
 from probecache.store.reader import Store
 
@@ -60,6 +61,9 @@ def train_run(store: Store, options: TrainOptions) -> Path:
     splits = resolve_splits(store, options.train_split, options.validation_split, options.test_split,
                             options.validation_fraction)
     metric = options.metric or metric_for(store.label_names)
+    cache = DecodedCache.from_option(options.decoded_cache, options.decoded_cache_dir)
+    if cache is not None:
+        store.decoded_cache = cache
     run_dir = new_run_dir(options.runs_dir, options.probe, store.info["dataset"]["name"])
     started = time.time()
     try:
@@ -75,6 +79,10 @@ def train_run(store: Store, options: TrainOptions) -> Path:
             "layers": outcome.layers, "options": asdict(options),
             "seconds": round(time.time() - started, 2), **outcome.config,
         }
+        if cache is not None:  # this process's reads; dask workers count their own
+            config["decoded_cache"] = {"folder": str(cache.root), **asdict(cache.stats)}
+            if options.progress:
+                report_decoded_cache(cache)
         write_json(run_dir / "config.json", config)
         write_metrics(run_dir, metric, outcome.validation, outcome.test, outcome.seeds)  # last: marks it complete
     except BaseException:
@@ -107,7 +115,9 @@ def _train_probes(store: Store, options: TrainOptions, splits: Splits, metric: s
     tokens = _tokens_read(store, variants)
     sweep = run_sweep(store, variants, splits, metric, layers=layers, device=options.device,
                       buffer_tokens=options.buffer_tokens, data_seed=grid.seeds[0], progress=options.progress,
-                      executor=options.executor, workers=options.workers, scheduler=options.scheduler)
+                      executor=options.executor, workers=options.workers, scheduler=options.scheduler,
+                      slurm=replace(options.slurm, log_directory=options.slurm.log_directory
+                                    or str(Path(options.runs_dir) / "logs")))  # SLURM jobs' output
     best = sweep.best
     save_probe(best.probe, best.variant.probe, run_dir / "probe.safetensors")
     write_scores(run_dir, sweep.scores)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from probecache.cluster.dask_clusters import SlurmResources
 
 from .data import Splits, batch_source
 from .errors import TrainError
@@ -111,19 +112,20 @@ def _rows(results: list[FitResult], selected: str, test: list[dict | None]) -> l
 
 def run_sweep(store, variants: Sequence[Variant], splits: Splits, metric: str, layers: Layers = None,
               device: torch.device | str = "cpu", buffer_tokens: int = 65536, data_seed: int = 0,
-              progress: bool = True, executor: str = "local", workers: int = 2, scheduler: str | None = None
-              ) -> SweepOutcome:
+              progress: bool = True, executor: str = "local", workers: int = 2, scheduler: str | None = None,
+              slurm: SlurmResources = SlurmResources()) -> SweepOutcome:
     """Train every variant (one shared pass per batch-size/tier group), select on validation, test once.
 
-    ``executor="dask"``: the fitting is split into ``workers`` shares run as dask tasks (a LocalCluster, or the
-    cluster at ``scheduler``), each opening the store itself (:mod:`probecache.train.distributed`); selection
-    and the one test read stay here, so the outcome is the local one.
+    ``executor="dask"``: the fitting is split into ``workers`` shares run as dask tasks (a LocalCluster, SLURM jobs
+    asking for ``slurm`` when ``scheduler`` is "slurm", or the cluster at ``scheduler``), each opening the store
+    itself (:mod:`probecache.train.distributed`); selection and the one test read stay here, so the outcome is
+    the local one.
     """
     if executor == "dask":
         from .distributed import fit_on_dask
 
         fitted = fit_on_dask(store, variants, splits, metric, layers, device, buffer_tokens, data_seed,
-                             workers=workers, scheduler=scheduler, progress=progress)
+                             workers=workers, scheduler=scheduler, progress=progress, slurm=slurm)
     elif executor == "local":
         fitted = fit_groups(store, variants, splits, metric, layers, device, buffer_tokens, data_seed, progress)
     else:

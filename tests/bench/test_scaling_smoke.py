@@ -50,3 +50,25 @@ def test_scaling_on_tiny_model(all_finite, tiny_model, tmp_path):
 
     assert not any(scratch.iterdir())  # every store (and the synthesised CSVs) deleted
     assert "| metric | x1 | x2 |" in run.stdout and "| metric | T = 16 | T = 32 |" in run.stdout
+
+
+def test_scaling_rss_on_tiny_model(all_finite, tiny_model, tmp_path):
+    """`bench/scaling.py --rss`: memory, loader and the parity epochs (store, decoded cache, torch.save) per size,
+    every number finite, the cache really read, and the stores and scratch files deleted."""
+    out, stores = tmp_path / "out", tmp_path / "stores"
+    cmd = [sys.executable, str(REPO / "bench" / "scaling.py"), "--rss", "--model", str(tiny_model),
+           "--limits", ",".join(map(str, SIZES)), "--layers", "1,2", "--buffer-tokens", "64", "--repeats", "1",
+           "--parity-repeats", "1", "--cold", "--stores", str(stores), "--out", str(out)]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "scaling_rss.json").read_text())
+    assert all_finite(report)
+    for point in report["points"]:
+        assert point["scoring"]["peak_rss_mb"] > 0 and point["mha"]["peak_held_tokens"] > 0
+        parity = point["parity"]
+        assert parity["cache_build"]["cache"]["written"] > 0 and parity["cache_bytes"] > 0
+        assert parity["torch_save_bytes"] > 0
+        assert all(parity[name]["median_s"] > 0 for name in ("store", "cache", "torch_save"))
+        assert len(parity["ratios"]["cache"]) == 1 and parity["cache"]["written"] == 0  # the timed epoch read it
+    assert not stores.exists() or not any(stores.iterdir())
+    assert "decoded cache / torch.save" in run.stdout

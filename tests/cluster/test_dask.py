@@ -63,3 +63,30 @@ def test_dask_workers_as_slurm_jobs_through_dask_jobqueue(slurm_cluster, extract
                                                                  mem="2GB", time_limit="00:10:00"))
     store = open_store(result.store_path)
     assert verify_store(store.path).ok and store.summary()["complete"] and store.manifest().num_rows == 30
+
+
+def test_train_sweep_on_slurm_workers_equals_the_local_sweep(slurm_cluster, tiny_model, sentiment_csv,
+                                                              extract_tiny_store, tmp_path):
+    """`train --executor dask --scheduler slurm`: the sweep's shares run in SLURM jobs (dask-jobqueue) and the run
+    is the local one: the same selection, metrics and scores."""
+    pytest.importorskip("dask_jobqueue")
+    import json
+
+    import pyarrow.parquet as pq
+    from probecache.cluster.dask_clusters import SlurmResources
+    from probecache.train.options import TrainOptions
+    from probecache.train.runner import train_run
+    from probecache.train.sweep import Grid
+
+    store = extract_tiny_store(tiny_model, tmp_path / "stores", sentiment_csv, dtype="fp32")
+    base = dict(probe="scoring", grid=Grid("scoring", lrs=(1e-2, 3e-2), batch_sizes=(8,), epochs=2, patience=1),
+                progress=False)
+    local = train_run(store, TrainOptions(runs_dir=str(tmp_path / "local"), **base))
+    on_slurm = train_run(store, TrainOptions(runs_dir=str(tmp_path / "slurm"), executor="dask", scheduler="slurm",
+                                             workers=2, slurm=SlurmResources(mem="2GB", time_limit="00:10:00"),
+                                             **base))
+    assert json.loads((on_slurm / "metrics.json").read_text()) == json.loads((local / "metrics.json").read_text())
+    assert pq.read_table(on_slurm / "scores.parquet").equals(pq.read_table(local / "scores.parquet"))
+    options = json.loads((on_slurm / "config.json").read_text())["options"]
+    assert options["scheduler"] == "slurm" and options["slurm"]["mem"] == "2GB"
+    assert list((tmp_path / "slurm" / "logs").glob("dask-worker-*.err"))  # the jobs' output beside the runs

@@ -82,6 +82,21 @@ def test_pooled_accepts_a_path(store):
     assert torch.equal(load_pooled(store.path, "test").x, load_pooled(store, "test").x)
 
 
+def test_pooled_tier_is_decoded_once_per_open_store(store, monkeypatch):
+    """A sweep's groups and its test read load a split again: the open store returns the decoded tier it has."""
+    fresh = open_store(store.path)
+    reads = []
+    real = fresh.read_pooled
+    monkeypatch.setattr(fresh, "read_pooled", lambda *a, **k: reads.append(a) or real(*a, **k))
+    first = load_pooled(fresh, "train", layers=[1, 2])
+    n = len(reads)
+    assert n > 0 and load_pooled(fresh, "train", layers=[1, 2]) is first and len(reads) == n
+    other = load_pooled(fresh, "train", layers=[1, 2], ids=first.example_ids[:3])  # other arguments: read
+    assert len(reads) > n and other.example_ids == first.example_ids[:3]
+    assert torch.equal(other.x, first.x[:3])
+    assert load_pooled(open_store(store.path), "train", layers=[1, 2]) is not first  # another open store: its own
+
+
 # ---- token stream -----------------------------------------------------------------------------------------
 
 

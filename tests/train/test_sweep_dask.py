@@ -139,8 +139,8 @@ def test_executor_options_are_checked(tmp_path):
         TrainOptions("scoring", scheduler="tcp://127.0.0.1:8786")
     with pytest.raises(TrainError, match="linear baseline is fitted in this process"):
         TrainOptions("linear", executor="dask")
-    with pytest.raises(TrainError, match="running dask scheduler's address"):
-        TrainOptions("scoring", executor="dask", scheduler="slurm")
+    slurm = TrainOptions("scoring", executor="dask", scheduler="slurm")  # dask-jobqueue is a dev dependency
+    assert slurm.slurm.mem is None  # each job asks for dask_clusters' defaults unless --mem/--time/--partition
 
 
 @pytest.fixture
@@ -182,6 +182,7 @@ def comparable_config(run_dir) -> dict:
     config = json.loads((run_dir / "config.json").read_text())
     for key in ("run_id", "created", "seconds", "options"):
         config.pop(key)
+    config.pop("decoded_cache", None)  # what the cache served: only with --decoded-cache
     for v in config["variants"]:
         v.pop("train_seconds")
     return config
@@ -232,16 +233,19 @@ def two_threads():
 
 @pytest.mark.slow
 def test_cli_dask_sweep_on_its_own_local_cluster(store, tmp_path, two_threads):
-    """`--executor dask --workers 2` starts (and stops) a LocalCluster; one run folder, one results table."""
+    """`--executor dask --workers 2` starts (and stops) a LocalCluster; one run folder, one results table; the
+    workers read through the driver's --decoded-cache and still fit the same probes."""
     runner = CliRunner()
     args = ["train", "--store", str(store.path), "--probe", "scoring", "--lr", "0.01", "--lr", "0.03",
             "--seeds", "2", "--batch-size", "8", "--epochs", "2", "--no-progress"]
     local = runner.invoke(app, [*args, "--runs-dir", str(tmp_path / "local")])
     on_dask = runner.invoke(app, [*args, "--runs-dir", str(tmp_path / "dask"), "--executor", "dask",
-                                  "--workers", "2"])
+                                  "--workers", "2", "--decoded-cache", "64M", "--decoded-cache-dir",
+                                  str(tmp_path / "decoded")])
     assert local.exit_code == 0 and on_dask.exit_code == 0, on_dask.output
     (local_run,), (dask_run,) = (list((tmp_path / d).iterdir()) for d in ("local", "dask"))
     assert_same_run(local_run, dask_run)
     options = json.loads((dask_run / "config.json").read_text())["options"]
     assert (options["executor"], options["workers"], options["scheduler"]) == ("dask", 2, None)
     assert [row["n_seeds"] for row in comparable_results(dask_run)] == [2, 2]  # one table, every configuration
+    assert list((tmp_path / "decoded").rglob("*.blk"))  # the workers read through the driver's decoded cache

@@ -1,0 +1,244 @@
+"""The decoded cache: an uncompressed local copy of the token blocks a reader uses, bounded, verified, LRU.
+
+Reading a store costs zstd decoding on every epoch of every run (~1 GB/s per core here); reading an uncompressed
+file costs a copy. Training reads the same (segment, token range, layers) block once per epoch and a sweep of
+separate runs reads it again per run, so a block decoded once and kept uncompressed on local disk makes every
+later read a copy plus a checksum (docs/BENCHMARKS.md, "Scale": one probe from the store vs torch.save files).
+
+- **What is kept:** one file per block that a :class:`~probecache.train.loaders.TokenStream` reads: the stored
+  values of tokens [lo, hi) of one segment at the layers in use (L', hi - lo, d), as ``read_tokens(...,
+  decode=False)`` returns them (an fp8/intK tier already dequantised). Only the layers a probe reads are kept.
+- **Where:** ``<dir>/<store_id>/<key>.blk``; ``dir`` defaults to $PROBECACHE_CACHE/decoded. ``key`` hashes the
+  segment's commit record (every file's size and crc32c), the tier, the layers and the range: a segment that is
+  repaired or re-extracted with other bytes gets a new key, so an entry never outlives the bytes it came from.
+- **Verified:** a file is a header (magic, JSON: dtype, shape, crc32c of the payload) and the payload. Every read
+  checks length and crc32c (~20 GB/s) before a value is used; a file that fails is deleted and the block is read
+  from the store again, so a torn or flipped cache file costs a decode, never a wrong value.
+- **Bounded:** entries under ``dir`` (all stores together) stay within ``limit`` bytes. Before writing, the least
+  recently used entries (mtime, touched on each hit) are deleted, except the ones this process has used: a working
+  set larger than the limit then keeps its first ``limit`` bytes cached and reads the rest from the store, instead
+  of evicting its own blocks every epoch. Several processes may share a folder; each may overshoot by the entry it
+  is writing.
+- **Safe eviction:** entries appear by ``os.replace`` of a finished temporary file (a reader never sees a partial
+  one) and go by ``unlink``; a reader that finds its entry gone reads the store instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .integrity import crc32c_hex
+from .mirror import parse_size
+from .remote import cache_dir
+
+MAGIC = b"probecache-decoded-1\n"
+SUFFIX = ".blk"
+_TMP = ".tmp-"
+_STALE_TMP_S = 3600  # a writer's temporary file older than this is from a crashed process
+
+
+def default_dir() -> Path:
+    return cache_dir() / "decoded"
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0  # blocks served from the cache
+    written: int = 0  # blocks decoded from the store and kept
+    skipped: int = 0  # blocks decoded from the store and not kept (the limit was full of entries in use)
+    rejected: int = 0  # cache files that failed their check (deleted, read from the store instead)
+    bytes_read: int = 0
+
+
+@dataclass
+class DecodedCache:
+    """A folder of decoded blocks capped at ``limit`` bytes (see the module docstring). Thread-safe."""
+
+    root: Path
+    limit: int
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        if self.limit < 0:
+            raise ValueError(f"decoded cache limit must be >= 0 bytes, got {self.limit}")
+        self._lock = threading.Lock()
+        self._mine: set[Path] = set()  # entries this process used: never evicted by it
+
+    @classmethod
+    def from_option(cls, size: str | int | None, folder: str | Path | None = None) -> DecodedCache | None:
+        """``--decoded-cache SIZE`` (500M, 20G; 0 or None: off) under ``folder`` (default :func:`default_dir`)."""
+        if size is None or str(size).strip().lower() in ("", "0", "off", "none"):
+            return None
+        return cls(Path(folder).expanduser() if folder else default_dir(), parse_size(size))
+
+    @property
+    def spec(self) -> tuple[str, int]:
+        """(folder, limit): what another process (a dask worker) needs to open the same cache."""
+        return str(self.root), self.limit
+
+    # ---- the read -----------------------------------------------------------------------------------------
+
+    def read_tokens(self, store, segment: str, lo: int, hi: int, layers: list[int]) -> np.ndarray:
+        """``store.read_tokens(segment, lo, hi, layers, decode=False)`` of a reader.Store (not imported: reader
+        imports this module): (L', hi - lo, d) stored values, from the cache when a checked entry is there, else
+        from the store (and kept, if the limit allows)."""
+        files = store.segment_files(segment)
+        if files is None or self.limit == 0:  # no commit record to key the entry to: never cached
+            return store.read_tokens(segment, lo, hi, layers, decode=False)
+        path = self.root / store.store_id / (self._key(store, segment, files, lo, hi, layers) + SUFFIX)
+        block = self._load(path)
+        if block is not None:
+            return block
+        block = store.read_tokens(segment, lo, hi, layers, decode=False)
+        self._keep(path, block)
+        return block
+
+    def _key(self, store, segment: str, files: dict, lo: int, hi: int, layers: list[int]) -> str:
+        what = {"segment": segment, "files": sorted((k, *v) for k, v in files.items()), "tier": store.tier.name,
+                "dtype": store.logical_dtype, "layers": [int(x) for x in layers], "range": [int(lo), int(hi)]}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:40]
+
+    def _load(self, path: Path) -> np.ndarray | None:
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # never written, or evicted by another process: read the store
+        block = _parse(data)
+        with self._lock:
+            if block is None:
+                self.stats.rejected += 1
+                _unlink(path)
+                return None
+            self.stats.hits += 1
+            self.stats.bytes_read += len(data)
+            self._mine.add(path)
+        try:
+            os.utime(path)  # last use, for LRU eviction
+        except FileNotFoundError:
+            pass
+        return block
+
+    # ---- the write ----------------------------------------------------------------------------------------
+
+    def _keep(self, path: Path, block: np.ndarray) -> None:
+        payload = np.ascontiguousarray(block).reshape(-1).view(np.uint8)  # the values' bytes, not a copy
+        payload.flags.writeable = False  # crc32c takes read-only buffers only
+        header = json.dumps({"dtype": block.dtype.str, "shape": list(block.shape),
+                             "crc32c": crc32c_hex(payload)}).encode()
+        size = len(MAGIC) + 8 + len(header) + payload.nbytes
+        with self._lock:
+            if not self._make_room(size, path):
+                self.stats.skipped += 1
+                return
+            self._mine.add(path)
+            self.stats.written += 1
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{_TMP}{path.stem}.{os.getpid()}.{threading.get_ident()}")
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + len(header).to_bytes(8, "little") + header)
+            f.write(payload)
+        os.replace(tmp, path)  # whole or absent: readers never see a partial entry
+
+    def _make_room(self, size: int, path: Path) -> bool:
+        """Delete least recently used entries not in use here until ``size`` more bytes fit (caller holds the
+        lock); False when they cannot be made to fit."""
+        if size > self.limit:
+            return False
+        entries = self.entries()
+        used = sum(s for _, s, _ in entries)
+        for old, old_size, _ in sorted(entries, key=lambda e: e[2]):
+            if used + size <= self.limit:
+                break
+            if old not in self._mine and old != path:
+                _unlink(old)
+                used -= old_size
+        return used + size <= self.limit
+
+    # ---- inspection (probecache store decoded-cache) ------------------------------------------------------
+
+    def entries(self) -> list[tuple[Path, int, float]]:
+        """(path, bytes, last use) of every entry under the folder, all stores; stale temporary files go."""
+        out = []
+        if not self.root.is_dir():
+            return out
+        now = time.time()
+        for store_dir in self.root.iterdir():
+            if not store_dir.is_dir():
+                continue
+            for entry in os.scandir(store_dir):
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                if entry.name.startswith(_TMP):
+                    if now - st.st_mtime > _STALE_TMP_S:
+                        _unlink(Path(entry.path))
+                elif entry.name.endswith(SUFFIX):
+                    out.append((Path(entry.path), st.st_size, st.st_mtime))
+        return out
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """{store_id: (entries, bytes)}."""
+        out: dict[str, tuple[int, int]] = {}
+        for path, size, _ in self.entries():
+            n, b = out.get(path.parent.name, (0, 0))
+            out[path.parent.name] = (n + 1, b + size)
+        return out
+
+    def clear(self, store_id: str | None = None) -> int:
+        """Delete every entry (of one store, or all); returns the bytes freed."""
+        freed = 0
+        for path, size, _ in self.entries():
+            if store_id is None or path.parent.name == store_id:
+                _unlink(path)
+                freed += size
+        return freed
+
+
+def report_decoded_cache(cache: DecodedCache) -> None:
+    """One line on stderr: what the cache served and kept, and whether its limit was in the way."""
+    s = cache.stats
+    held = sum(b for _, b in cache.usage().values())
+    line = (f"decoded cache {cache.root}: {s.hits} block(s) read from it, {s.written} decoded and kept, "
+            f"{held / 2**30:.2f} of {cache.limit / 2**30:.2f} GiB used")
+    if s.skipped:
+        line += f"; {s.skipped} not kept (the limit is full of blocks in use: raise --decoded-cache)"
+    if s.rejected:
+        line += f"; {s.rejected} failed their check and were read from the store"
+    print(line, file=sys.stderr)
+
+
+def _parse(data: bytes) -> np.ndarray | None:
+    """The block a cache file holds, or None when its header, length or crc32c is not right."""
+    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 8:
+        return None
+    start = len(MAGIC) + 8
+    header_len = int.from_bytes(data[len(MAGIC) : start], "little")
+    try:
+        header = json.loads(data[start : start + header_len])
+        dtype, shape = np.dtype(header["dtype"]), tuple(int(x) for x in header["shape"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    payload = np.frombuffer(data, dtype=np.uint8, offset=min(start + header_len, len(data)))  # read-only, no copy
+    if dtype.hasobject or payload.nbytes != int(np.prod(shape)) * dtype.itemsize:
+        return None
+    if crc32c_hex(payload) != header.get("crc32c"):
+        return None
+    return payload.view(dtype).reshape(shape)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
