@@ -22,6 +22,7 @@ Flat means: peak RSS at x4 and x16 within 10% of x1 (the issue's criterion), and
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -146,7 +147,10 @@ def child_loader(store_path: str, buffer_tokens: int, repeats: int, layers: str 
 
 
 def run_child(*args: str) -> dict:
-    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    env = dict(os.environ)
+    for name, value in (("ARROW_DEFAULT_MEMORY_POOL", "system"), ("OMP_WAIT_POLICY", "PASSIVE")):
+        env.setdefault(name, value)  # as the CLI sets them (probecache/cli.py)
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"child {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -12,6 +12,10 @@ import os
 # Passive waiting measured 1.05x extraction/forward vs 1.17x with spinning (bench/extract.py), and a
 # faster extraction in absolute terms. An explicit OMP_WAIT_POLICY from the user wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before pyarrow loads (it reads this once): Arrow's default mimalloc pool keeps what reading a manifest of many
+# parts freed, the one part of training's peak RSS that grew with the store (+55 MB at 688 parts vs 43; x16
+# peak 1.12x of x1). The system allocator hands it back: +6 MB (docs/BENCHMARKS.md, "Scale"). A user's wins.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 import errno  # noqa: E402
 import json  # noqa: E402

@@ -1,19 +1,23 @@
-"""The decoded cache: an uncompressed local copy of the token blocks a reader uses, bounded, verified, LRU.
+"""The decoded cache: an uncompressed local copy of the examples a token stream reads, bounded, verified, LRU.
 
 Reading a store costs zstd decoding on every epoch of every run (~1 GB/s per core here); reading an uncompressed
-file costs a copy. Training reads the same (segment, token range, layers) block once per epoch and a sweep of
-separate runs reads it again per run, so a block decoded once and kept uncompressed on local disk makes every
-later read a copy plus a checksum (docs/BENCHMARKS.md, "Scale": one probe from the store vs torch.save files).
+file costs a copy. Training reads the same examples of a segment at the same layers once per epoch, and a sweep
+of separate runs reads them again per run, so examples decoded once and kept uncompressed on local disk make
+every later read a copy plus a checksum (docs/BENCHMARKS.md, "Scale": one probe from the store vs torch.save files).
 
-- **What is kept:** one file per block that a :class:`~probecache.train.loaders.TokenStream` reads: the stored
-  values of tokens [lo, hi) of one segment at the layers in use (L', hi - lo, d), as ``read_tokens(...,
+- **What is kept:** one file per segment that a :class:`~probecache.train.loaders.TokenStream` reads: its
+  examples of the split, each as (n, L', d) stored values at the layers in use, as ``read_tokens(...,
   decode=False)`` returns them (an fp8/intK tier already dequantised). Only the layers a probe reads are kept.
+  Token-major, so that each example is one contiguous run of the file, read straight into the array the
+  shuffle buffer holds: one copy per example, where a torch.save file per example costs the same one copy.
 - **Where:** ``<dir>/<store_id>/<key>.blk``; ``dir`` defaults to $PROBECACHE_CACHE/decoded. ``key`` hashes the
-  segment's commit record (every file's size and crc32c), the tier, the layers and the range: a segment that is
-  repaired or re-extracted with other bytes gets a new key, so an entry never outlives the bytes it came from.
-- **Verified:** a file is a header (magic, JSON: dtype, shape, crc32c of the payload) and the payload. Every read
-  checks length and crc32c (~20 GB/s) before a value is used; a file that fails is deleted and the block is read
-  from the store again, so a torn or flipped cache file costs a decode, never a wrong value.
+  segment's commit record (every file's size and crc32c), the tier, the layers and the examples' token ranges:
+  a segment that is repaired or re-extracted with other bytes gets a new key, so an entry never outlives the
+  bytes it came from.
+- **Verified:** a file is a header (magic, JSON: dtype, L', d, each example's token count and crc32c) and the
+  examples' values. Every read checks the length and each example's crc32c (~20 GB/s) before a value is used;
+  a file that fails is deleted and the segment is read from the store again, so a torn or flipped cache file
+  costs a decode, never a wrong value.
 - **Bounded:** entries under ``dir`` (all stores together) stay within ``limit`` bytes. Before writing, the least
   recently used entries (mtime, touched on each hit) are deleted, except the ones this process has used: a working
   set larger than the limit then keeps its first ``limit`` bytes cached and reads the rest from the store, instead
@@ -40,7 +44,7 @@ from .integrity import crc32c_hex
 from .mirror import parse_size
 from .remote import cache_dir
 
-MAGIC = b"probecache-decoded-1\n"
+MAGIC = b"probecache-decoded-2\n"
 SUFFIX = ".blk"
 _TMP = ".tmp-"
 _STALE_TMP_S = 3600  # a writer's temporary file older than this is from a crashed process
@@ -52,16 +56,17 @@ def default_dir() -> Path:
 
 @dataclass
 class CacheStats:
-    hits: int = 0  # blocks served from the cache
-    written: int = 0  # blocks decoded from the store and kept
-    skipped: int = 0  # blocks decoded from the store and not kept (the limit was full of entries in use)
+    hits: int = 0  # segment reads served from the cache
+    written: int = 0  # segment reads decoded from the store and kept
+    skipped: int = 0  # segment reads decoded from the store and not kept (the limit was full of entries in use)
     rejected: int = 0  # cache files that failed their check (deleted, read from the store instead)
-    bytes_read: int = 0
+    bytes_read: int = 0  # values served from the cache
 
 
 @dataclass
 class DecodedCache:
-    """A folder of decoded blocks capped at ``limit`` bytes (see the module docstring). Thread-safe."""
+    """A folder of decoded entries (a segment's examples at some layers) capped at ``limit`` bytes (see the module
+    docstring). Thread-safe."""
 
     root: Path
     limit: int
@@ -88,54 +93,56 @@ class DecodedCache:
 
     # ---- the read -----------------------------------------------------------------------------------------
 
-    def read_tokens(self, store, segment: str, lo: int, hi: int, layers: list[int]) -> np.ndarray:
-        """``store.read_tokens(segment, lo, hi, layers, decode=False)`` of a reader.Store (not imported: reader
-        imports this module): (L', hi - lo, d) stored values, from the cache when a checked entry is there, else
-        from the store (and kept, if the limit allows)."""
+    def read_examples(self, store, segment: str, ranges: list[list[tuple[int, int]]], layers: list[int]
+                      ) -> list[np.ndarray]:
+        """The examples of one segment of a reader.Store (not imported: reader imports this module) whose tokens
+        are ``ranges`` (per example: [start, stop) ranges on the segment's token axis, concatenated), at
+        ``layers``: per example (L', n, d) stored values, a view of that example's own (n, L', d) array. From the
+        cache when a checked entry is there, else decoded from the store (and kept, if the limit allows)."""
         files = store.segment_files(segment)
         if files is None or self.limit == 0:  # no commit record to key the entry to: never cached
-            return store.read_tokens(segment, lo, hi, layers, decode=False)
-        path = self.root / store.store_id / (self._key(store, segment, files, lo, hi, layers) + SUFFIX)
-        block = self._load(path)
-        if block is not None:
-            return block
-        block = store.read_tokens(segment, lo, hi, layers, decode=False)
-        self._keep(path, block)
-        return block
+            return [a.transpose(1, 0, 2) for a in _decode(store, segment, ranges, layers)]
+        path = self.root / store.store_id / (self._key(store, segment, files, ranges, layers) + SUFFIX)
+        examples = self._load(path)
+        if examples is None:
+            examples = _decode(store, segment, ranges, layers)
+            self._keep(path, examples)
+        return [a.transpose(1, 0, 2) for a in examples]
 
-    def _key(self, store, segment: str, files: dict, lo: int, hi: int, layers: list[int]) -> str:
+    def _key(self, store, segment: str, files: dict, ranges: list[list[tuple[int, int]]], layers: list[int]) -> str:
         what = {"segment": segment, "files": sorted((k, *v) for k, v in files.items()), "tier": store.tier.name,
-                "dtype": store.logical_dtype, "layers": [int(x) for x in layers], "range": [int(lo), int(hi)]}
+                "dtype": store.logical_dtype, "layers": [int(x) for x in layers],
+                "ranges": [[[int(a), int(b)] for a, b in r] for r in ranges]}
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:40]
 
-    def _load(self, path: Path) -> np.ndarray | None:
+    def _load(self, path: Path) -> list[np.ndarray] | None:
         try:
-            data = path.read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
+            examples = read_entry(path)
+        except FileNotFoundError:
             return None  # never written, or evicted by another process: read the store
-        block = _parse(data)
         with self._lock:
-            if block is None:
+            if examples is None:
                 self.stats.rejected += 1
                 _unlink(path)
                 return None
             self.stats.hits += 1
-            self.stats.bytes_read += len(data)
+            self.stats.bytes_read += sum(a.nbytes for a in examples)
             self._mine.add(path)
         try:
             os.utime(path)  # last use, for LRU eviction
         except FileNotFoundError:
             pass
-        return block
+        return examples
 
     # ---- the write ----------------------------------------------------------------------------------------
 
-    def _keep(self, path: Path, block: np.ndarray) -> None:
-        payload = np.ascontiguousarray(block).reshape(-1).view(np.uint8)  # the values' bytes, not a copy
-        payload.flags.writeable = False  # crc32c takes read-only buffers only
-        header = json.dumps({"dtype": block.dtype.str, "shape": list(block.shape),
-                             "crc32c": crc32c_hex(payload)}).encode()
-        size = len(MAGIC) + 8 + len(header) + payload.nbytes
+    def _keep(self, path: Path, examples: list[np.ndarray]) -> None:
+        """Write one entry: the header (dtype, L', d, and per example its token count and crc32c), then each
+        example's (n, L', d) values (``examples`` are C-contiguous)."""
+        first = examples[0]
+        header = json.dumps({"dtype": first.dtype.str, "layers": first.shape[1], "width": first.shape[2],
+                             "examples": [[a.shape[0], crc32c_hex(_read_only(a))] for a in examples]}).encode()
+        size = len(MAGIC) + 8 + len(header) + sum(a.nbytes for a in examples)
         with self._lock:
             if not self._make_room(size, path):
                 self.stats.skipped += 1
@@ -146,7 +153,8 @@ class DecodedCache:
         tmp = path.with_name(f"{_TMP}{path.stem}.{os.getpid()}.{threading.get_ident()}")
         with open(tmp, "wb") as f:
             f.write(MAGIC + len(header).to_bytes(8, "little") + header)
-            f.write(payload)
+            for a in examples:
+                f.write(a)
         os.replace(tmp, path)  # whole or absent: readers never see a partial entry
 
     def _make_room(self, size: int, path: Path) -> bool:
@@ -209,32 +217,61 @@ def report_decoded_cache(cache: DecodedCache) -> None:
     """One line on stderr: what the cache served and kept, and whether its limit was in the way."""
     s = cache.stats
     held = sum(b for _, b in cache.usage().values())
-    line = (f"decoded cache {cache.root}: {s.hits} block(s) read from it, {s.written} decoded and kept, "
+    line = (f"decoded cache {cache.root}: {s.hits} segment read(s) from it, {s.written} decoded and kept, "
             f"{held / 2**30:.2f} of {cache.limit / 2**30:.2f} GiB used")
     if s.skipped:
-        line += f"; {s.skipped} not kept (the limit is full of blocks in use: raise --decoded-cache)"
+        line += f"; {s.skipped} not kept (the limit is full of entries in use: raise --decoded-cache)"
     if s.rejected:
         line += f"; {s.rejected} failed their check and were read from the store"
     print(line, file=sys.stderr)
 
 
-def _parse(data: bytes) -> np.ndarray | None:
-    """The block a cache file holds, or None when its header, length or crc32c is not right."""
-    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 8:
-        return None
-    start = len(MAGIC) + 8
-    header_len = int.from_bytes(data[len(MAGIC) : start], "little")
-    try:
-        header = json.loads(data[start : start + header_len])
-        dtype, shape = np.dtype(header["dtype"]), tuple(int(x) for x in header["shape"])
-    except (ValueError, KeyError, TypeError):
-        return None
-    payload = np.frombuffer(data, dtype=np.uint8, offset=min(start + header_len, len(data)))  # read-only, no copy
-    if dtype.hasobject or payload.nbytes != int(np.prod(shape)) * dtype.itemsize:
-        return None
-    if crc32c_hex(payload) != header.get("crc32c"):
-        return None
-    return payload.view(dtype).reshape(shape)
+def _decode(store, segment: str, ranges: list[list[tuple[int, int]]], layers: list[int]) -> list[np.ndarray]:
+    """Each example's (n, L', d) stored values, its own C-contiguous array, from one read of the segment."""
+    lo = min(a for r in ranges for a, _ in r)
+    hi = max(b for r in ranges for _, b in r)
+    block = store.read_tokens(segment, lo, hi, layers, decode=False)  # (L', hi - lo, d)
+    out = []
+    for r in ranges:
+        parts = [block[:, a - lo : b - lo].transpose(1, 0, 2) for a, b in r]  # each (k, L', d), k summing to n
+        out.append(parts[0].copy() if len(parts) == 1 else np.ascontiguousarray(np.concatenate(parts, axis=0)))
+    return out
+
+
+def read_entry(path: Path) -> list[np.ndarray] | None:
+    """The examples an entry holds, each (n, L', d), read straight into its own array (one copy), or None when
+    its header, length or any crc32c is not right. A missing file raises FileNotFoundError."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(len(MAGIC) + 8)
+        if len(head) != len(MAGIC) + 8 or not head.startswith(MAGIC):
+            return None
+        header_len = int.from_bytes(head[len(MAGIC):], "little")
+        try:
+            header = json.loads(f.read(header_len))
+            dtype, layers, width = np.dtype(header["dtype"]), int(header["layers"]), int(header["width"])
+            counts = [(int(n), str(crc)) for n, crc in header["examples"]]
+        except (ValueError, KeyError, TypeError):
+            return None
+        if dtype.hasobject or min((layers, width, *(n for n, _ in counts))) < 0:
+            return None
+        payload = sum(n for n, _ in counts) * layers * width * dtype.itemsize
+        if size != len(head) + header_len + payload:
+            return None
+        out = []
+        for n, crc in counts:
+            a = np.empty((n, layers, width), dtype=dtype)
+            if f.readinto(memoryview(a).cast("B")) != a.nbytes or crc32c_hex(_read_only(a)) != crc:
+                return None
+            out.append(a)
+        return out
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view: crc32c takes read-only buffers only."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
 
 
 def _unlink(path: Path) -> None:

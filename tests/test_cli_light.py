@@ -169,3 +169,15 @@ def test_command_defaults_are_the_stages_own():
                and n not in ("runs_dir", "class_weight")}
     assert len(options) >= 8 and {n: (train[n], v) for n, v in options.items() if train[n] != v} == {}
     assert defaults("eval")["device"] == TrainOptions.device
+
+
+@pytest.mark.parametrize("given", [None, "jemalloc"])
+def test_the_cli_puts_arrow_on_the_system_allocator_unless_told_otherwise(given):
+    """Arrow's mimalloc pool kept the buffers a many-part manifest read freed (training RSS grew with the store);
+    the CLI picks the system pool before pyarrow loads, and a user's own choice wins."""
+    code = ("import os, sys; os.environ.pop('ARROW_DEFAULT_MEMORY_POOL', None)\n"
+            "if sys.argv[1] != 'None': os.environ['ARROW_DEFAULT_MEMORY_POOL'] = sys.argv[1]\n"
+            "import probecache.cli, pyarrow; print(pyarrow.default_memory_pool().backend_name)")
+    done = _run(code, str(given))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("system" if given is None else given)

@@ -261,20 +261,22 @@ class TokenStream:
 
     def _read_segment(self, segment: str) -> list[tuple[_Example, np.ndarray]]:
         """The split's examples of one segment, each (L', n, d) stored numpy values, in manifest order. Each is
-        a copy, not a view of the segment: a view would pin the whole segment while any example of it waits in
-        the shuffle buffer, and the memory bound would not hold."""
+        a copy, not a view of the segment (always: ``np.ascontiguousarray`` of a one-layer slice is a view): a
+        view would pin the whole segment while any example of it waits in the shuffle buffer, and the memory
+        bound would not hold."""
         examples = self._segments[segment]
-        lo = min(start for e in examples for start, _ in e.ranges)  # a shared prefix may lie before the split's own
-        hi = max(stop for e in examples for _, stop in e.ranges)
-        cache = self.store.decoded_cache  # --decoded-cache: an uncompressed, checked local copy when there is one
-        if cache is None:
-            block = self.store.read_tokens(segment, lo, hi, self.layers, decode=False)  # (L', hi - lo, d) stored
+        cache = self.store.decoded_cache  # --decoded-cache: uncompressed, checked local copies when there are some
+        if cache is not None:  # each (L', n, d): a view of the example's own (n, L', d) array
+            out = list(zip(examples, cache.read_examples(self.store, segment, [e.ranges for e in examples],
+                                                         self.layers), strict=True))
         else:
-            block = cache.read_tokens(self.store, segment, lo, hi, self.layers)  # the same stored values
-        out = []
-        for e in examples:
-            parts = [block[:, start - lo : stop - lo] for start, stop in e.ranges]  # L' x (k, d), k summing to n
-            out.append((e, np.ascontiguousarray(parts[0]) if len(parts) == 1 else np.concatenate(parts, axis=1)))
+            lo = min(start for e in examples for start, _ in e.ranges)  # a shared prefix may lie before the split's
+            hi = max(stop for e in examples for _, stop in e.ranges)
+            block = self.store.read_tokens(segment, lo, hi, self.layers, decode=False)  # (L', hi - lo, d) stored
+            out = []
+            for e in examples:
+                parts = [block[:, start - lo : stop - lo] for start, stop in e.ranges]  # L' x (k, d), k summing to n
+                out.append((e, parts[0].copy() if len(parts) == 1 else np.concatenate(parts, axis=1)))
         self._hold(sum(e.n_tokens for e in examples))
         return out
 

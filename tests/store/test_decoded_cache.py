@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 import pytest
-from probecache.store.decoded_cache import MAGIC, SUFFIX, DecodedCache, _parse
+from probecache.store.decoded_cache import MAGIC, SUFFIX, DecodedCache, read_entry
 from probecache.store.errors import StoreError
 from probecache.store.reader import open_store
 from probecache.train.loaders import TokenStream
@@ -100,12 +100,12 @@ def test_a_damaged_entry_is_never_served(store_path, tmp_path, damage):
     else:
         data = b""
     victim.write_bytes(bytes(data))
-    assert _parse(bytes(data)) is None
+    assert read_entry(victim) is None
     store = cached_store(store_path, tmp_path / "cache")
     assert_same(batches(store, 1), batches(plain, 1))
     stats = store.decoded_cache.stats
     assert stats.rejected == 1 and stats.written == 1  # read from the store again and kept again
-    assert _parse(victim.read_bytes()) is not None
+    assert read_entry(victim) is not None
 
 
 def test_the_limit_bounds_the_folder_evicting_others_first(store_path, tmp_path):
@@ -140,22 +140,25 @@ def test_a_limit_of_zero_or_a_block_larger_than_the_limit_keeps_nothing(store_pa
     assert DecodedCache.from_option("0") is None and DecodedCache.from_option(None) is None
 
 
-def test_the_key_follows_layers_range_and_commit_record(store_path, tmp_path):
+def test_the_key_follows_layers_ranges_and_commit_record(store_path, tmp_path):
     store = cached_store(store_path, tmp_path / "cache")
     cache = store.decoded_cache
     segment = store.segments("train")[0]
     files = store.segment_files(segment)
-    key = cache._key(store, segment, files, 0, 10, [1, 2])
-    assert key == cache._key(store, segment, dict(files), 0, 10, [1, 2])
-    assert key != cache._key(store, segment, files, 0, 10, [1])
-    assert key != cache._key(store, segment, files, 0, 11, [1, 2])
+    ranges = [[(0, 4)], [(4, 10)], [(0, 2), (10, 13)]]  # the last: a shared prefix, then its own tokens
+    key = cache._key(store, segment, files, ranges, [1, 2])
+    assert key == cache._key(store, segment, dict(files), [list(r) for r in ranges], [1, 2])
+    assert key != cache._key(store, segment, files, ranges, [1])
+    assert key != cache._key(store, segment, files, ranges[:2], [1, 2])
     name = sorted(files)[0]
     changed = {**files, name: (files[name][0], "00000000")}  # the segment re-extracted or repaired: other bytes
-    assert key != cache._key(store, segment, changed, 0, 10, [1, 2])
-    want = store.read_tokens(segment, 0, 10, [1, 2], decode=False)
+    assert key != cache._key(store, segment, changed, ranges, [1, 2])
+    block = store.read_tokens(segment, 0, 13, [1, 2], decode=False)  # (L', 13, d)
+    want = [block[:, 0:4], block[:, 4:10], np.concatenate([block[:, 0:2], block[:, 10:13]], axis=1)]
     for _ in range(2):  # decoded, then from the cache
-        assert np.array_equal(cache.read_tokens(store, segment, 0, 10, [1, 2]), want)
-    assert cache.stats.hits == 1
+        got = cache.read_examples(store, segment, ranges, [1, 2])
+        assert len(got) == 3 and all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+    assert cache.stats.hits == 1 and cache.stats.written == 1
 
 
 def test_entries_deleted_under_a_reader_cost_a_decode(store_path, tmp_path):
@@ -171,6 +174,17 @@ def test_entries_deleted_under_a_reader_cost_a_decode(store_path, tmp_path):
 def test_a_bad_size_is_one_line():
     with pytest.raises(StoreError, match="500M, 20G"):
         DecodedCache.from_option("lots")
+
+
+def test_each_example_is_its_own_array(store_path, tmp_path):
+    """What the shuffle buffer holds from the cache pins one example's values, never a whole segment's."""
+    store = cached_store(store_path, tmp_path / "cache")
+    segment = store.segments("train")[0]
+    ranges = [[(0, 4)], [(4, 10)]]
+    for _ in range(2):
+        first, second = store.decoded_cache.read_examples(store, segment, ranges, [1, 2])
+        assert first.base is not None and first.base.shape == (4, 2, store.hidden_size)  # (n, L', d), its own
+        assert first.base.base is None and second.base.base is None and first.base is not second.base
 
 
 # ---- through `probecache train` and `probecache store decoded-cache` -------------------------------------

@@ -189,6 +189,15 @@ def test_buffer_is_bounded(store, buffer_tokens):
     assert 0 < stream.peak_buffered_tokens <= buffer_tokens + max(per_segment.values())
 
 
+@pytest.mark.parametrize("layers", [[2], [1, 2]])
+def test_buffered_examples_are_copies_not_views_of_their_segment(store, layers):
+    """A view would pin its whole segment while it waits in the buffer (one layer: ascontiguousarray is a view)."""
+    stream = TokenStream(store, "train", layers=layers)
+    for segment in stream.segment_order(0):
+        for _, values in stream._read_segment(segment):
+            assert values.base is None and values.shape[0] == len(layers)
+
+
 def test_large_buffer_mixes_across_segments(store):
     # with the whole split in the buffer, the first batch is not confined to one segment
     stream = TokenStream(store, "train", batch_size=8, seed=0, buffer_tokens=10**9)
