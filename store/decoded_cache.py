@@ -21,8 +21,9 @@ every later read a copy plus a checksum (docs/BENCHMARKS.md, "Scale": one probe 
 - **Bounded:** entries under ``dir`` (all stores together) stay within ``limit`` bytes. Before writing, the least
   recently used entries (mtime, touched on each hit) are deleted, except the ones this process has used: a working
   set larger than the limit then keeps its first ``limit`` bytes cached and reads the rest from the store, instead
-  of evicting its own blocks every epoch. Several processes may share a folder; each may overshoot by the entry it
-  is writing.
+  of evicting its own entries every epoch. Several processes may share a folder; a process counts the others'
+  entries from a scan at most 10 s old (and rescans whenever its count nears the limit), so the folder may
+  overshoot by what the others wrote since.
 - **Safe eviction:** entries appear by ``os.replace`` of a finished temporary file (a reader never sees a partial
   one) and go by ``unlink``; a reader that finds its entry gone reads the store instead.
 """
@@ -48,6 +49,7 @@ MAGIC = b"probecache-decoded-2\n"
 SUFFIX = ".blk"
 _TMP = ".tmp-"
 _STALE_TMP_S = 3600  # a writer's temporary file older than this is from a crashed process
+_RESCAN_S = 10.0  # how old this process's count of the folder (others' writes included) may get
 
 
 def default_dir() -> Path:
@@ -78,6 +80,10 @@ class DecodedCache:
             raise ValueError(f"decoded cache limit must be >= 0 bytes, got {self.limit}")
         self._lock = threading.Lock()
         self._mine: set[Path] = set()  # entries this process used: never evicted by it
+        # bytes under the folder as of the last scan, plus what this process wrote since: a write scans the folder
+        # only when this says the limit is near or the scan is old, not once per entry (quadratic in entries)
+        self._used: int | None = None
+        self._scanned_at = 0.0
 
     @classmethod
     def from_option(cls, size: str | int | None, folder: str | Path | None = None) -> DecodedCache | None:
@@ -159,10 +165,14 @@ class DecodedCache:
 
     def _make_room(self, size: int, path: Path) -> bool:
         """Delete least recently used entries not in use here until ``size`` more bytes fit (caller holds the
-        lock); False when they cannot be made to fit."""
+        lock); False when they cannot be made to fit. Accounts ``size`` as written when it returns True."""
         if size > self.limit:
             return False
-        entries = self.entries()
+        now = time.monotonic()
+        if self._used is not None and self._used + size <= self.limit and now - self._scanned_at < _RESCAN_S:
+            self._used += size
+            return True
+        entries = self.entries()  # the authoritative count: other processes may share the folder
         used = sum(s for _, s, _ in entries)
         for old, old_size, _ in sorted(entries, key=lambda e: e[2]):
             if used + size <= self.limit:
@@ -170,7 +180,11 @@ class DecodedCache:
             if old not in self._mine and old != path:
                 _unlink(old)
                 used -= old_size
-        return used + size <= self.limit
+        self._used, self._scanned_at = used, now
+        if used + size > self.limit:
+            return False
+        self._used += size
+        return True
 
     # ---- inspection (probecache store decoded-cache) ------------------------------------------------------
 

@@ -62,6 +62,7 @@ def train_run(store: Store, options: TrainOptions) -> Path:
                             options.validation_fraction)
     metric = options.metric or metric_for(store.label_names)
     cache = DecodedCache.from_option(options.decoded_cache, options.decoded_cache_dir)
+    before = store.decoded_cache  # this run's cache is this run's: the caller's store gets its own back after
     if cache is not None:
         store.decoded_cache = cache
     run_dir = new_run_dir(options.runs_dir, options.probe, store.info["dataset"]["name"])
@@ -88,6 +89,8 @@ def train_run(store: Store, options: TrainOptions) -> Path:
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    finally:
+        store.decoded_cache = before
     try:
         from .plots import write_run_plots
 
