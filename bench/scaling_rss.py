@@ -102,6 +102,7 @@ def child_epoch(store_path: str, probe: str, buffer_tokens: int, source: str, la
     if from_store:
         out["peak_held_tokens"] = max(train.source.stream.peak_held_tokens, val.source.stream.peak_held_tokens)
         out["peak_buffered_tokens"] = train.source.stream.peak_buffered_tokens
+        out["peak_arena_mb"] = max(train.source.stream.peak_arena_bytes, val.source.stream.peak_arena_bytes) / 1e6
     return out
 
 
@@ -270,7 +271,8 @@ def table(points: list[dict], probes: list[str]) -> str:
             (f"{label}: tokens/s (vs x1)", [f"{p[probe]['tokens_per_s']:,.0f} "
                                             f"({p[probe]['tokens_per_s'] / first[probe]['tokens_per_s']:.2f})"
                                             for p in points]),
-            (f"{label}: stream's peak held tokens", [f"{p[probe]['peak_held_tokens']:,}" for p in points]),
+            (f"{label}: stream's peak held tokens (its arena's pages in use, MB)",
+             [f"{p[probe]['peak_held_tokens']:,} ({p[probe]['peak_arena_mb']:.0f})" for p in points]),
             (f"{label}: largest batch, token slots (B x T_max)",
              [f"{p[probe]['largest_batch_token_slots']:,}" for p in points]),
         ]

@@ -8,8 +8,8 @@ every later read a copy plus a checksum (docs/BENCHMARKS.md, "Scale": one probe 
 - **What is kept:** one file per segment that a :class:`~probecache.train.loaders.TokenStream` reads: its
   examples of the split, each as (n, L', d) stored values at the layers in use, as ``read_tokens(...,
   decode=False)`` returns them (an fp8/intK tier already dequantised). Only the layers a probe reads are kept.
-  Token-major, so that each example is one contiguous run of the file, read straight into the array the
-  shuffle buffer holds: one copy per example, where a torch.save file per example costs the same one copy.
+  Token-major, so that each example is one contiguous run of the file. An entry is read with one ``readinto``
+  into one array and the stream copies each example from it into its token pages (train/arena.py).
 - **Where:** ``<dir>/<store_id>/<key>.blk``; ``dir`` defaults to $PROBECACHE_CACHE/decoded. ``key`` hashes the
   segment's commit record (every file's size and crc32c), the tier, the layers and the examples' token ranges:
   a segment that is repaired or re-extracted with other bytes gets a new key, so an entry never outlives the
@@ -99,17 +99,18 @@ class DecodedCache:
 
     # ---- the read -----------------------------------------------------------------------------------------
 
-    def read_examples(self, store, segment: str, ranges: list[list[tuple[int, int]]], layers: list[int]
-                      ) -> list[np.ndarray]:
+    def read_examples(self, store, segment: str, ranges: list[list[tuple[int, int]]], layers: list[int],
+                      buffer: ReadBuffer | None = None) -> list[np.ndarray]:
         """The examples of one segment of a reader.Store (not imported: reader imports this module) whose tokens
         are ``ranges`` (per example: [start, stop) ranges on the segment's token axis, concatenated), at
-        ``layers``: per example (L', n, d) stored values, a view of that example's own (n, L', d) array. From the
-        cache when a checked entry is there, else decoded from the store (and kept, if the limit allows)."""
+        ``layers``: per example (L', n, d) stored values, a view of the entry's (tokens, L', d) values. From the
+        cache when a checked entry is there, else decoded from the store (and kept, if the limit allows). With a
+        ``buffer`` an entry is read into it (the views are valid until its next use), else into a new array."""
         files = store.segment_files(segment)
         if files is None or self.limit == 0:  # no commit record to key the entry to: never cached
             return [a.transpose(1, 0, 2) for a in _decode(store, segment, ranges, layers)]
         path = self.root / store.store_id / (self._key(store, segment, files, ranges, layers) + SUFFIX)
-        examples = self._load(path)
+        examples = self._load(path, buffer)
         if examples is None:
             examples = _decode(store, segment, ranges, layers)
             self._keep(path, examples)
@@ -121,9 +122,9 @@ class DecodedCache:
                 "ranges": [[[int(a), int(b)] for a, b in r] for r in ranges]}
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:40]
 
-    def _load(self, path: Path) -> list[np.ndarray] | None:
+    def _load(self, path: Path, buffer: ReadBuffer | None) -> list[np.ndarray] | None:
         try:
-            examples = read_entry(path)
+            examples = read_entry(path, buffer)
         except FileNotFoundError:
             return None  # never written, or evicted by another process: read the store
         with self._lock:
@@ -252,9 +253,26 @@ def _decode(store, segment: str, ranges: list[list[tuple[int, int]]], layers: li
     return out
 
 
-def read_entry(path: Path) -> list[np.ndarray] | None:
-    """The examples an entry holds, each (n, L', d), read straight into its own array (one copy), or None when
-    its header, length or any crc32c is not right. A missing file raises FileNotFoundError."""
+class ReadBuffer:
+    """A growable buffer that entries are read into, one per reading thread: once it has grown to the largest
+    entry, a read allocates nothing (a fresh array per entry would be a MB-sized malloc and free per segment,
+    the pattern that fragments a heap or, with the mmap threshold pinned, page-faults every time)."""
+
+    def __init__(self) -> None:
+        self._bytes = np.empty(0, dtype=np.uint8)
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An uninitialised array of ``shape`` and ``dtype`` over the buffer; it is overwritten by the next take."""
+        size = int(np.prod(shape)) * dtype.itemsize
+        if self._bytes.nbytes < size:
+            self._bytes = np.empty(size + size // 4, dtype=np.uint8)  # room for somewhat larger entries
+        return self._bytes[:size].view(dtype).reshape(shape)
+
+
+def read_entry(path: Path, buffer: ReadBuffer | None = None) -> list[np.ndarray] | None:
+    """The examples an entry holds, each (n, L', d): views of one array the payload is read straight into
+    (``buffer``'s, or a new one), or None when its header, length or any crc32c is not right. A missing file
+    raises FileNotFoundError."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(len(MAGIC) + 8)
@@ -269,16 +287,21 @@ def read_entry(path: Path) -> list[np.ndarray] | None:
             return None
         if dtype.hasobject or min((layers, width, *(n for n, _ in counts))) < 0:
             return None
-        payload = sum(n for n, _ in counts) * layers * width * dtype.itemsize
-        if size != len(head) + header_len + payload:
+        tokens = sum(n for n, _ in counts)
+        if size != len(head) + header_len + tokens * layers * width * dtype.itemsize:
             return None
-        out = []
-        for n, crc in counts:
-            a = np.empty((n, layers, width), dtype=dtype)
-            if f.readinto(memoryview(a).cast("B")) != a.nbytes or crc32c_hex(_read_only(a)) != crc:
-                return None
-            out.append(a)
-        return out
+        shape = (tokens, layers, width)
+        payload = np.empty(shape, dtype=dtype) if buffer is None else buffer.take(shape, dtype)
+        if f.readinto(memoryview(payload).cast("B")) != payload.nbytes:
+            return None
+    out, start = [], 0
+    for n, crc in counts:
+        a = payload[start : start + n]
+        if crc32c_hex(_read_only(a)) != crc:
+            return None
+        out.append(a)
+        start += n
+    return out
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from probecache.manifests.schema import PART_NAME, committed_part_files
 
 from .errors import StoreError
@@ -38,7 +39,7 @@ from .integrity import crc32c_hex
 from .remote import cache_dir, check_store_name, location_digest, parse_url
 from .roots import LocalRoot, ObjectRoot, Root
 from .transfer import check_fetched
-from .verified import CheckedFiles, FileRecord, VerifiedSegmentStore
+from .verified import CheckedFiles, FileRecord, VerifiedSegmentStore, read_off_heap
 
 DEFAULT_CACHE_SIZE = "20G"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -153,13 +154,13 @@ class FetchingStore(VerifiedSegmentStore):
         self.fetched_bytes = 0
         self.cache.touch(self.root)
 
-    def _load(self, key: str) -> bytes:
+    def _load(self, key: str) -> bytes | np.ndarray:
         """The mirrored file if it is the recorded one, else a fresh fetch written into the mirror. A file evicted
         by another process meanwhile is simply fetched again."""
         size, crc = self.files[key]
         path = self.root / key
         try:
-            local = path.read_bytes()
+            local = read_off_heap(path)
             if len(local) == size and crc32c_hex(local) == crc:
                 return local
         except FileNotFoundError:

@@ -6,12 +6,14 @@
 - **Token stream** (:class:`TokenStream`): every token of every example of a split, for scoring / MHA probes.
   Per epoch the segments (shards) holding the split are permuted by a generator seeded with (seed, epoch);
   each segment's ``hidden`` is read whole (the token range spanning the split's examples) with one contiguous
-  layer slice per run of consecutive layers, split into examples, and pushed into a shuffle buffer bounded
-  by ``buffer_tokens`` real tokens, from which examples are drawn in a seeded random order and padded into
-  batches to the batch's own longest example. The segment reads of an epoch run ahead on a background thread
-  (``prefetch`` segments, train/prefetch.py) while the consumer keeps the serial order, so the batches are
-  identical with or without it. A store with a ``decoded_cache`` (store/decoded_cache.py, ``train
-  --decoded-cache``) serves those reads from uncompressed, checked local copies after the first.
+  layer slice per run of consecutive layers, its examples copied into the pages of the epoch's token arena
+  (train/arena.py: memory reused page for page, so the heap never fragments under the buffer's random frees)
+  and pushed into a shuffle buffer bounded by ``buffer_tokens`` real tokens, from which examples are drawn
+  in a seeded random order and padded into batches to the batch's own longest example. The segment reads of
+  an epoch run ahead on a background thread (``prefetch`` segments, train/prefetch.py) while the consumer
+  keeps the serial order, so the batches are identical with or without it. A store with a ``decoded_cache``
+  (store/decoded_cache.py, ``train --decoded-cache``) serves those reads from uncompressed, checked local
+  copies after the first.
 
 Only the manifest is filtered by split; segments without examples of the split are never opened. zarr
 integer-list selection (~40x slower than a slice) is never used. This module imports neither
@@ -32,13 +34,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from probecache.manifests.schema import PREFIX_COLUMNS
-from probecache.store.codecs import LOGICAL_DTYPES, from_storage
+from probecache.store.codecs import LOGICAL_DTYPES, from_storage, storage_dtype
+from probecache.store.decoded_cache import ReadBuffer
 from probecache.store.layers import Layers
 from probecache.store.prefixes import example_ranges
 from probecache.store.reader import Store, open_store
 
+from .arena import TokenArena, page_tokens_for
 from .errors import TrainError
-from .memory import pin_mmap_threshold
+from .memory import guard_heap
 from .prefetch import read_ahead
 
 _MANIFEST_COLUMNS = ["example_id", "label", "n_tokens", "segment", "token_offset", "row"]
@@ -166,16 +170,17 @@ class TokenStream:
     (seed, epoch, manifest): identical across runs and machines. ``shuffle=False`` gives manifest order.
     Every example of the split appears exactly once per epoch; ``len(stream)`` is the number of examples.
 
-    Memory bound: the buffer holds at most ``buffer_tokens`` tokens plus one segment's tokens, stored as
-    ``buffer_tokens x L' x d x bytes per stored value`` (2 B for bf16/fp16, 4 B for fp32) plus one segment
-    being read (L' x T_segment x d values; held twice while it is split into examples), plus the batch being
-    assembled (B x L' x T_max x d in ``dtype``), plus ``prefetch`` segments read ahead (each L' x T_segment
-    x d stored values, held twice while being split; 0 with ``prefetch=0``). ``peak_buffered_tokens``
-    records the largest token count the buffer reached (after a segment's examples were pushed, before any
-    draw). ``peak_held_tokens`` records the largest count of tokens whose per-example copies the stream held
-    at once anywhere (read ahead, in the buffer, or waiting for their batch): at most ``buffer_tokens`` +
-    (1 + ``prefetch``) x the largest segment's tokens of the split + ``batch_size`` x the longest example,
-    whatever the store's size (tests/train/test_memory_bound.py; bench/scaling.py --rss measures the RSS).
+    Memory bound: examples are held in the pages of one arena per epoch (train/arena.py: pages of
+    ``page_tokens`` tokens x L' x d stored values, 2 B each for bf16/fp16, 4 B for fp32), from their segment's
+    read until their batch is assembled, so what the buffer costs is the most pages in use at once, and freed
+    pages are reused, never returned to the allocator piecemeal. On top of the arena: one segment being read
+    (L' x T_segment x d values) and ``prefetch`` read ahead, and the batch being assembled (B x L' x T_max x d
+    in ``dtype``). ``peak_buffered_tokens`` records the largest token count the buffer reached (after a
+    segment's examples were pushed, before any draw). ``peak_held_tokens`` records the largest count of tokens
+    the stream held in pages at once (read ahead, in the buffer, or waiting for their batch): at most
+    ``buffer_tokens`` + (1 + ``prefetch``) x the largest segment's tokens of the split + ``batch_size`` x the
+    longest example, whatever the store's size; ``peak_arena_bytes`` the most bytes of pages in use at once
+    (tests/train/test_memory_bound.py; bench/scaling.py --rss measures the RSS).
 
     Prefetch: with ``prefetch`` >= 1 (default 1) the epoch's segment reads (order known up front from
     ``segment_order``) run up to ``prefetch`` segments ahead on ``prefetch_threads`` background threads
@@ -200,7 +205,6 @@ class TokenStream:
         if prefetch < 0 or (prefetch_threads is not None and prefetch_threads < 1):
             raise TrainError(f"prefetch must be >= 0 segments and prefetch_threads >= 1, got {prefetch} and "
                              f"{prefetch_threads}")
-        pin_mmap_threshold()  # large freed blocks go back to the kernel: RSS bounded by what is held (memory.py)
         self.store = _as_store(store)
         self.split = split
         self.layers = self.store.select_layers(layers)
@@ -215,8 +219,10 @@ class TokenStream:
         self.label_names: list[str] = list(self.store.label_names)
         self.peak_buffered_tokens = 0
         self.peak_held_tokens = 0
-        self._held = 0  # tokens of per-example copies alive now (read, buffered or pending); reader threads add
+        self.peak_arena_bytes = 0
+        self._held = 0  # tokens held in arena pages now (read, buffered or pending); reader threads add
         self._held_lock = threading.Lock()
+        self._thread = threading.local()  # per reader thread: the buffer decoded-cache entries are read into
         self._next_epoch = 0
 
         prefix = list(PREFIX_COLUMNS) if self.store.shares_prefixes else []  # --share-prefixes stores only
@@ -230,6 +236,11 @@ class TokenStream:
             self._segments.setdefault(segment, []).append(_Example(eid, -1 if label is None else int(label),
                                                                     int(n), ranges))
         self.n_tokens = sum(int(n) for n in cols[4])
+        self.page_tokens = page_tokens_for([int(n) for n in cols[4]])
+        segment_tokens = [sum(e.n_tokens for e in examples) for examples in self._segments.values()]
+        # the most tokens an epoch holds in pages at once (see Memory bound): sizes the arena's blocks
+        self.held_bound_tokens = (buffer_tokens + (1 + prefetch) * max(segment_tokens)
+                                  + batch_size * max(int(n) for n in cols[4]))
 
     def __len__(self) -> int:
         return len(self.example_ids)
@@ -254,40 +265,38 @@ class TokenStream:
         return [names[i] for i in self._rng(epoch).permutation(len(names))]
 
     def _hold(self, tokens: int) -> None:
-        """Count per-example copies made (+) or handed over to a batch (-); two integer ops per segment / batch."""
+        """Count tokens put into pages (+) or handed over to a batch (-); two integer ops per segment / batch."""
         with self._held_lock:
             self._held += tokens
             self.peak_held_tokens = max(self.peak_held_tokens, self._held)
 
-    def _read_segment(self, segment: str) -> list[tuple[_Example, np.ndarray]]:
-        """The split's examples of one segment, each (L', n, d) stored numpy values, in manifest order. Each is
-        a copy, not a view of the segment (always: ``np.ascontiguousarray`` of a one-layer slice is a view): a
-        view would pin the whole segment while any example of it waits in the shuffle buffer, and the memory
-        bound would not hold."""
+    def _read_segment(self, segment: str, arena: TokenArena) -> list[tuple[_Example, list[int]]]:
+        """The split's examples of one segment in manifest order, each copied into pages of ``arena`` (their ids).
+        Nothing of the segment's read outlives this call: a buffered example never pins its segment."""
         examples = self._segments[segment]
         cache = self.store.decoded_cache  # --decoded-cache: uncompressed, checked local copies when there are some
-        if cache is not None:  # each (L', n, d): a view of the example's own (n, L', d) array
-            out = list(zip(examples, cache.read_examples(self.store, segment, [e.ranges for e in examples],
-                                                         self.layers), strict=True))
+        if cache is not None:  # each (L', n, d): a view of the example's (n, L', d) values in the cache entry
+            if not hasattr(self._thread, "buffer"):  # one per reader thread: they last the epoch's reads
+                self._thread.buffer = ReadBuffer()
+            values = cache.read_examples(self.store, segment, [e.ranges for e in examples], self.layers,
+                                         self._thread.buffer)
+            out = [(e, arena.put([v])) for e, v in zip(examples, values, strict=True)]
         else:
             lo = min(start for e in examples for start, _ in e.ranges)  # a shared prefix may lie before the split's
             hi = max(stop for e in examples for _, stop in e.ranges)
             block = self.store.read_tokens(segment, lo, hi, self.layers, decode=False)  # (L', hi - lo, d) stored
-            out = []
-            for e in examples:
-                parts = [block[:, start - lo : stop - lo] for start, stop in e.ranges]  # L' x (k, d), k summing to n
-                out.append((e, parts[0].copy() if len(parts) == 1 else np.concatenate(parts, axis=1)))
+            out = [(e, arena.put([block[:, start - lo : stop - lo] for start, stop in e.ranges])) for e in examples]
         self._hold(sum(e.n_tokens for e in examples))
         return out
 
-    def _samples(self, epoch: int) -> Iterator[tuple[_Example, np.ndarray]]:
+    def _samples(self, epoch: int, arena: TokenArena) -> Iterator[tuple[_Example, list[int]]]:
         rng = self._rng(epoch)
         names = list(self._segments)
         order = rng.permutation(len(names)) if self.shuffle else range(len(names))
-        buffer: list[tuple[_Example, np.ndarray]] = []
+        buffer: list[tuple[_Example, list[int]]] = []
         buffered = 0
 
-        def draw() -> tuple[_Example, np.ndarray]:  # uniform over the buffer, O(1) swap-remove
+        def draw() -> tuple[_Example, list[int]]:  # uniform over the buffer, O(1) swap-remove
             nonlocal buffered
             i = int(rng.integers(len(buffer)))
             buffer[i], buffer[-1] = buffer[-1], buffer[i]
@@ -296,9 +305,11 @@ class TokenStream:
             return item
 
         # the reads (maybe ahead, on other threads) never touch rng: draws see the serial sequence of pushes
-        segments = read_ahead(self._read_segment, [names[i] for i in order], self.prefetch, self.prefetch_threads)
+        segments = read_ahead(lambda segment: self._read_segment(segment, arena), [names[i] for i in order],
+                              self.prefetch, self.prefetch_threads)
         try:
             for examples in segments:
+                guard_heap()  # free heap past a slack goes back to the kernel (memory.py): RSS follows what is held
                 if not self.shuffle:  # manifest order: nothing to mix, no buffer
                     yield from examples
                     continue
@@ -314,37 +325,41 @@ class TokenStream:
         while buffer:
             yield draw()
 
-    def _collate(self, items: list[tuple[_Example, np.ndarray]]) -> Batch:
+    def _collate(self, items: list[tuple[_Example, list[int]]], arena: TokenArena) -> Batch:
         t_max = max(e.n_tokens for e, _ in items)
-        first = items[0][1]
         # Assembled in numpy on the stored values (all-zero bits are +0.0 in bf16/fp16/fp32 alike), then viewed as
         # the logical dtype: torch's copy into a strided slice of the batch measured ~45x slower than numpy's.
-        values = np.zeros((len(items), first.shape[0], t_max, first.shape[2]), dtype=first.dtype)  # (B, L', T, d)
+        values = np.zeros((len(items), arena.layers, t_max, arena.width), dtype=arena.dtype)  # (B, L', T, d)
         mask = torch.zeros((len(items), t_max), dtype=torch.bool)
-        for b, (e, states) in enumerate(items):
-            values[b, :, : e.n_tokens] = states
+        for b, (e, pages) in enumerate(items):
+            arena.gather(pages, e.n_tokens, values[b])
+            arena.release(pages)
             mask[b, : e.n_tokens] = True
         hidden = from_storage(values, self.logical_dtype)
         if hidden.dtype != self.dtype:
             hidden = hidden.to(self.dtype)
         y = torch.tensor([e.label for e, _ in items], dtype=torch.long)
-        self._hold(-sum(e.n_tokens for e, _ in items))  # the caller drops ``items`` now: the batch holds the values
+        self._hold(-sum(e.n_tokens for e, _ in items))  # their pages are free again: the batch holds the values
         return Batch(hidden=hidden, mask=mask, y=y, example_ids=[e.example_id for e, _ in items])
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch; the same (seed, epoch) always gives the same batches."""
-        pending: list[tuple[_Example, np.ndarray]] = []
-        samples = self._samples(epoch)
-        self._held = 0  # an epoch left early (its copies collected with its generator) must not inflate the next
+        # the pages of the epoch's held examples; dropped with the epoch, so streams that are not being read
+        # (validation during training) hold nothing
+        arena = TokenArena(len(self.layers), self.store.hidden_size, storage_dtype(self.logical_dtype),
+                           self.page_tokens, self.held_bound_tokens)
+        pending: list[tuple[_Example, list[int]]] = []
+        samples = self._samples(epoch, arena)
+        self._held = 0  # an epoch left early (its arena collected with its generator) must not inflate the next
         try:
             for item in samples:
                 pending.append(item)
                 if len(pending) == self.batch_size:
-                    batch, pending = self._collate(pending), []  # the copies go before the consumer gets the batch
-                    del item
+                    batch, pending = self._collate(pending, arena), []  # pages freed before the consumer gets it
                     yield batch
         finally:
             samples.close()  # closing this iterator closes the reader's threads too
+            self.peak_arena_bytes = max(self.peak_arena_bytes, arena.peak_pages * arena.page_bytes)
         if pending and not self.drop_last:
-            batch, pending = self._collate(pending), []
+            batch, pending = self._collate(pending, arena), []
             yield batch

@@ -1,15 +1,22 @@
-"""Keep a training process's memory bounded by what it holds, not by how much it has read.
+"""A guard on the free heap a training process keeps: peak RSS follows what it holds, not what it has read.
 
-The token stream reads each segment into a few MB-sized blocks (zarr's decoded chunks, the segment's token
-range, per-example copies, the padded batch) and frees them again. glibc serves blocks above its mmap threshold
-with mmap and returns them to the kernel on free, but it *raises* that threshold each time such a block is freed
-(up to 32 MB on 64-bit). After the first segment every MB-sized block then comes from the heap, which fragments
-with every read, and the process's peak RSS grows with the number of segments read, i.e. with the store: +30% at
-16x the store for a scoring epoch, +56% for MHA/8 (docs/BENCHMARKS.md "Scale"). Pinning the threshold (which
-also turns off its adjustment) keeps large blocks on mmap, so freeing them gives the memory back.
+The token stream's own memory does not fragment the heap: held examples live in the epoch's arena
+(train/arena.py), shard files in mappings of their own (store/verified.py: read_off_heap), decoded-cache
+entries in a reused buffer. What is left on the heap is glibc's choice: above its dynamic mmap threshold (raised
+up to 32 MB by the first large block freed) the batches and the probe's per-layer tensors, MB-sized and of a
+different size for every batch (B x T_max), come from the heap too. Usually glibc reuses them and RSS is flat;
+in some runs the varied sizes fragment it and it keeps GBs free (an eval of 5,504 reviews: 2.4 GB RSS with
+145 MB in use, the same command 1.0 GB the run before; docs/BENCHMARKS.md "Scale").
 
-``PROBECACHE_MALLOC_TUNING=0`` leaves the allocator alone; so does any non-glibc platform (macOS, musl), where
-this is a no-op.
+:func:`guard_heap` is called by the stream after each segment. When the resident set has grown by more than
+``PROBECACHE_HEAP_SLACK_MB`` (default 256) since the last trim, it returns glibc's free heap to the kernel
+(``malloc_trim``) and takes the new RSS as the mark. Growth that is memory in use (a larger batch, a cache
+filling up) only moves the mark, so a run that does not fragment never trims and keeps glibc's speed.
+
+The alternative, pinning glibc's mmap threshold (``MALLOC_MMAP_THRESHOLD_=131072``, what probecache did
+before), is flat in every run but sends every block over 128 KiB to a fresh mmap, the probe's tensors
+included, each page-faulted in anew: up to 2x an epoch's time. It is glibc's own variable, so a user can still
+choose it. ``PROBECACHE_HEAP_SLACK_MB=0`` turns the guard off; on non-glibc platforms it is a no-op.
 """
 
 from __future__ import annotations
@@ -20,30 +27,59 @@ import os
 import sys
 import threading
 
-MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's default starting value: blocks of a segment read are far above it
-_M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
+DEFAULT_SLACK_MB = 256
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
 _lock = threading.Lock()
-_pinned: bool | None = None  # None: not tried yet in this process
+_trim = None  # malloc_trim, once looked up
+_looked_up = False
+_mark = 0  # resident bytes after the last trim (0: not measured yet)
+trims = 0  # how many times this process trimmed (benchmarks report it)
 
 
-def pin_mmap_threshold() -> bool:
-    """Pin glibc's mmap threshold at 128 KiB for this process (once; idempotent). True when it is pinned."""
-    global _pinned
-    with _lock:
-        if _pinned is None:
-            _pinned = _pin()
-        return _pinned
+def _malloc_trim():
+    global _trim, _looked_up
+    if not _looked_up:
+        _looked_up = True
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                _trim = libc.malloc_trim
+                _trim.restype, _trim.argtypes = ctypes.c_int, [ctypes.c_size_t]
+            except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+                _trim = None
+    return _trim
 
 
-def _pin() -> bool:
-    if os.environ.get("PROBECACHE_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):  # the user set it through glibc's own variable: theirs wins
-        return True
+def slack_bytes() -> int:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt symbol of this meaning)
+        return max(0, int(float(os.environ.get("PROBECACHE_HEAP_SLACK_MB", DEFAULT_SLACK_MB)) * (1 << 20)))
+    except ValueError:
+        return DEFAULT_SLACK_MB << 20
+
+
+def resident_bytes() -> int:
+    """This process's resident set now (/proc/self/statm: one small read)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def guard_heap() -> bool:
+    """Return the free heap to the kernel if RSS grew by more than the slack since the last time; True if it did."""
+    global _mark, trims
+    slack = slack_bytes()
+    if slack == 0:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+    with _lock:
+        trim = _malloc_trim()
+        if trim is None:
+            return False
+        now = resident_bytes()
+        if _mark == 0 or now < _mark:
+            _mark = now
+        if now - _mark <= slack:
+            return False
+        trim(0)
+        trims += 1
+        _mark = resident_bytes()
+        return True

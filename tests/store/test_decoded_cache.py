@@ -176,15 +176,17 @@ def test_a_bad_size_is_one_line():
         DecodedCache.from_option("lots")
 
 
-def test_each_example_is_its_own_array(store_path, tmp_path):
-    """What the shuffle buffer holds from the cache pins one example's values, never a whole segment's."""
+def test_examples_from_an_entry_are_the_stores_values(store_path, tmp_path):
+    """Decoded on the first read, from the entry (one array, viewed per example) on the second: the same values,
+    (L', n, d), as the store's own read."""
     store = cached_store(store_path, tmp_path / "cache")
     segment = store.segments("train")[0]
-    ranges = [[(0, 4)], [(4, 10)]]
+    want = store.read_tokens(segment, 0, 10, [1, 2], decode=False)  # (L', 10, d)
     for _ in range(2):
-        first, second = store.decoded_cache.read_examples(store, segment, ranges, [1, 2])
-        assert first.base is not None and first.base.shape == (4, 2, store.hidden_size)  # (n, L', d), its own
-        assert first.base.base is None and second.base.base is None and first.base is not second.base
+        first, second = store.decoded_cache.read_examples(store, segment, [[(0, 4)], [(4, 10)]], [1, 2])
+        assert first.shape == (2, 4, store.hidden_size) and second.shape == (2, 6, store.hidden_size)
+        assert np.array_equal(first, want[:, :4]) and np.array_equal(second, want[:, 4:])
+    assert store.decoded_cache.stats.hits == 1 and store.decoded_cache.stats.written == 1
 
 
 # ---- through `probecache train` and `probecache store decoded-cache` -------------------------------------

@@ -5,6 +5,7 @@ tests/faults/test_corruption.py runs these through every consumer; here each che
 from __future__ import annotations
 
 import json
+import mmap
 import shutil
 
 import pyarrow as pa
@@ -15,7 +16,8 @@ import torch
 from probecache.manifests.schema import DIGEST_KEY, ManifestError, read_part
 from probecache.store.errors import StoreError
 from probecache.store.header import SEAL, seal_header
-from probecache.store.verified import CheckedFiles
+from probecache.store.integrity import crc32c_hex
+from probecache.store.verified import CheckedFiles, read_off_heap
 
 from probecache import open_store
 
@@ -134,6 +136,20 @@ def test_checked_files_stay_within_their_byte_limit(tmp_path):
     assert kept == [3, 4]  # the two most recent fit in 100 bytes
     cache.put(tmp_path / "big", b"x" * 500)  # the file being read is always kept, alone
     assert cache.get(tmp_path / "big") is not None and cache.get(tmp_path / "4") is None
+
+
+def test_a_whole_file_is_read_off_the_heap_read_only(tmp_path):
+    """Shard files are read into mappings of their own (never heap blocks that fragment it), read-only as bytes
+    were: the checked copy cannot be changed by a consumer."""
+    payload = bytes(range(256)) * 1000
+    (tmp_path / "f").write_bytes(payload)
+    (tmp_path / "empty").write_bytes(b"")
+    data = read_off_heap(tmp_path / "f")
+    assert len(data) == len(payload) and data.tobytes() == payload and crc32c_hex(data) == crc32c_hex(payload)
+    assert isinstance(data.base.obj, mmap.mmap)  # numpy over a memoryview of the mapping
+    with pytest.raises(ValueError, match="read-only"):
+        data[0] = 1
+    assert read_off_heap(tmp_path / "empty") == b""
 
 
 def test_store_ls_lists_a_damaged_store_instead_of_failing(intact, tmp_path):

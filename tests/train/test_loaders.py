@@ -11,11 +11,14 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 import torch
+from probecache.store.codecs import storage_dtype
 from probecache.store.errors import StoreError
 from probecache.store.layers import LayerSelectionError
 from probecache.store.reader import open_store
+from probecache.train.arena import TokenArena
 from probecache.train.errors import TrainError
 from probecache.train.loaders import Batch, PooledData, TokenStream, load_pooled
 from probecache.train.prefetch import THREAD_PREFIX
@@ -190,12 +193,19 @@ def test_buffer_is_bounded(store, buffer_tokens):
 
 
 @pytest.mark.parametrize("layers", [[2], [1, 2]])
-def test_buffered_examples_are_copies_not_views_of_their_segment(store, layers):
-    """A view would pin its whole segment while it waits in the buffer (one layer: ascontiguousarray is a view)."""
+def test_buffered_examples_are_pages_not_views_of_their_segment(store, layers):
+    """A view would pin its whole segment while it waits in the buffer: what the stream holds of an example is
+    the ids of its arena pages, and the pages hold its values."""
     stream = TokenStream(store, "train", layers=layers)
+    arena = TokenArena(len(layers), store.hidden_size, storage_dtype(store.logical_dtype), stream.page_tokens)
     for segment in stream.segment_order(0):
-        for _, values in stream._read_segment(segment):
-            assert values.base is None and values.shape[0] == len(layers)
+        block = store.read_tokens(segment, layers=layers, decode=False)  # (L', T, d)
+        for example, pages in stream._read_segment(segment, arena):
+            assert all(type(page) is int for page in pages)
+            values = np.zeros((len(layers), example.n_tokens, store.hidden_size), dtype=block.dtype)
+            arena.gather(pages, example.n_tokens, values)
+            ((start, stop),) = example.ranges
+            assert np.array_equal(values, block[:, start:stop])
 
 
 def test_large_buffer_mixes_across_segments(store):
@@ -246,7 +256,7 @@ def test_prefetch_yields_exactly_the_serial_batches(store, shuffle, layers, pref
     serial, ahead = stream(prefetch=0), stream(prefetch=prefetch, prefetch_threads=threads)
     readers: set[str] = set()
     read = ahead._read_segment
-    ahead._read_segment = lambda segment: (readers.add(threading.current_thread().name), read(segment))[1]
+    ahead._read_segment = lambda *args: (readers.add(threading.current_thread().name), read(*args))[1]
     for e in range(3):
         want, got = batches_of(serial, e), batches_of(ahead, e)
         assert [w[0] for w in want] == [g[0] for g in got]  # example ids, batch by batch

@@ -5,8 +5,9 @@ shards of 8: x1 holds the rows once, x4 holds them four times over (new ids), so
 same token counts and differ only in how many there are. The same TokenStream (a buffer much smaller than
 either split) runs an epoch over each, and three things must not grow with the store:
 
-- ``peak_held_tokens``: tokens whose per-example copies the stream held at once (read ahead, buffered,
-  waiting for a batch) stays under buffer + (1 + prefetch) segments + one batch, the same bound for both;
+- ``peak_held_tokens``: tokens the stream held at once in its arena pages (read ahead, buffered, waiting for a
+  batch) stays under buffer + (1 + prefetch) segments + one batch, the same bound for both, and so do the
+  bytes of pages in use at once (``peak_arena_bytes``, page rounding included);
 - the traced heap (tracemalloc, which sees numpy's and zarr's buffers) peaks at the same size for both: a
   cache of decoded segments, a view pinning a whole segment or a split read up front would show here even if
   the counter missed it;
@@ -68,6 +69,14 @@ def held_bound(store, prefetch: int) -> int:
     return BUFFER_TOKENS + (1 + prefetch) * max(segment_tokens(store).values()) + BATCH * longest
 
 
+def arena_bound(stream: TokenStream, tokens: int) -> int:
+    """Bytes of arena pages that hold ``tokens`` tokens: each example wastes less than a page, and there are at
+    most ``tokens`` / the shortest example's length of them."""
+    shortest = min(stream.store.manifest(split="train", columns=["n_tokens"])["n_tokens"].to_pylist())
+    pages = -(-tokens // stream.page_tokens) + tokens // shortest
+    return pages * len(stream.layers) * stream.page_tokens * stream.store.hidden_size * 2  # bf16
+
+
 def test_the_stores_differ_only_in_segment_count(stores):
     one, four = segment_tokens(stores[1]), segment_tokens(stores[4])
     assert len(four) == 4 * len(one) >= 16
@@ -86,6 +95,7 @@ def test_held_tokens_are_bounded_by_buffer_segments_and_batch_not_store(stores, 
             ids = [eid for batch in stream.epoch(e) for eid in batch.example_ids]
             assert sorted(ids) == sorted(stream.example_ids)  # every example once per epoch
         assert 0 < stream.peak_held_tokens <= held_bound(store, prefetch)
+        assert 0 < stream.peak_arena_bytes <= arena_bound(stream, held_bound(store, prefetch))
         assert stream.peak_buffered_tokens <= BUFFER_TOKENS + max(segment_tokens(store).values())
         peaks[copies] = stream.peak_held_tokens
     assert peaks[4] <= held_bound(stores[1], prefetch)  # the x1 store's bound holds for the x4 store
@@ -152,20 +162,34 @@ def test_reads_are_one_per_segment_and_no_scans_per_example(stores, monkeypatch)
     assert per_store[1] == per_store[4] <= 2  # set-up scans are a constant, not per example or per segment
 
 
-@pytest.mark.parametrize(("env", "pinned"), [({}, True), ({"PROBECACHE_MALLOC_TUNING": "0"}, False)])
-def test_a_token_stream_pins_the_allocators_mmap_threshold(stores, env, pinned):
-    """glibc's dynamic mmap threshold lets peak RSS grow with the segments read (train/memory.py): a TokenStream
-    pins it for its process, unless PROBECACHE_MALLOC_TUNING=0 (checked in a fresh interpreter)."""
+GUARD_CHILD = """
+import sys
+from probecache.train import memory
+memory.guard_heap()  # sets the mark
+blocks = [bytearray(100_000) for _ in range(1500)]  # ~150 MB of heap blocks (each under the mmap threshold)
+keep = blocks[-1]
+del blocks  # all freed but the last, which pins the heap's top: only a trim can give the rest back
+before = memory.resident_bytes()
+trimmed = memory.guard_heap()
+print(trimmed, memory.trims, before - memory.resident_bytes())
+"""
+
+
+@pytest.mark.parametrize(("slack_mb", "trims"), [("32", 1), ("0", 0), ("1000", 0)])
+def test_the_heap_guard_returns_free_heap_past_its_slack(slack_mb, trims):
+    """Free heap that glibc keeps (train/memory.py) goes back to the kernel once RSS grew past the slack, and
+    only then (checked in a fresh interpreter: the guard is per process)."""
     import os
     import subprocess
     import sys
 
     if not sys.platform.startswith("linux"):
-        pytest.skip("the pin is glibc's")
-    code = ("import sys; from probecache.train import memory; from probecache.train.loaders import TokenStream; "
-            "assert memory._pinned is None; TokenStream(sys.argv[1], 'train', buffer_tokens=64); "
-            "print(memory._pinned)")
-    base = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "PROBECACHE_MALLOC_TUNING")}
-    out = subprocess.run([sys.executable, "-c", code, str(stores[1].path)], env={**base, **env},
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == str(pinned)
+        pytest.skip("malloc_trim is glibc's")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | {"PROBECACHE_HEAP_SLACK_MB": slack_mb}
+    out = subprocess.run([sys.executable, "-c", GUARD_CHILD], env=env, capture_output=True, text=True, check=True)
+    trimmed, count, released = out.stdout.split()
+    assert (trimmed, int(count)) == (str(trims == 1), trims)
+    if trims:
+        assert int(released) > 100 << 20  # most of the ~150 MB freed came back
+    else:
+        assert int(released) < 16 << 20
