@@ -97,6 +97,9 @@ def child_epoch(store_path: str, probe: str, buffer_tokens: int, source: str, la
     out = {"epoch_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
            "base_rss_mb": base_kib / 1024, "peak_rss_mb": _status_kib("VmHWM") / 1024,
            "largest_batch_token_slots": max(train.largest, val.largest)}
+    from probecache.train import memory
+
+    out["heap_trims"] = memory.trims  # the heap guard's malloc_trim calls in this child (train/memory.py)
     if cache is not None:
         out["cache"] = {"hits": cache.stats.hits, "written": cache.stats.written, "skipped": cache.stats.skipped}
     if from_store:
@@ -273,6 +276,8 @@ def table(points: list[dict], probes: list[str]) -> str:
                                             for p in points]),
             (f"{label}: stream's peak held tokens (its arena's pages in use, MB)",
              [f"{p[probe]['peak_held_tokens']:,} ({p[probe]['peak_arena_mb']:.0f})" for p in points]),
+            (f"{label}: heap guard's trims in the epoch (train/memory.py)",
+             [str(p[probe].get("heap_trims", "-")) for p in points]),
             (f"{label}: largest batch, token slots (B x T_max)",
              [f"{p[probe]['largest_batch_token_slots']:,}" for p in points]),
         ]

@@ -42,7 +42,7 @@ from probecache.store.reader import Store, open_store
 
 from .arena import TokenArena, page_tokens_for
 from .errors import TrainError
-from .memory import guard_heap
+from .memory import guard_heap, slack_bytes
 from .prefetch import read_ahead
 
 _MANIFEST_COLUMNS = ["example_id", "label", "n_tokens", "segment", "token_offset", "row"]
@@ -223,6 +223,7 @@ class TokenStream:
         self._held = 0  # tokens held in arena pages now (read, buffered or pending); reader threads add
         self._held_lock = threading.Lock()
         self._thread = threading.local()  # per reader thread: the buffer decoded-cache entries are read into
+        self._heap_slack = slack_bytes()  # read (and a bad PROBECACHE_HEAP_SLACK_MB refused) before any work
         self._next_epoch = 0
 
         prefix = list(PREFIX_COLUMNS) if self.store.shares_prefixes else []  # --share-prefixes stores only
@@ -309,7 +310,7 @@ class TokenStream:
                               self.prefetch, self.prefetch_threads)
         try:
             for examples in segments:
-                guard_heap()  # free heap past a slack goes back to the kernel (memory.py): RSS follows what is held
+                guard_heap(self._heap_slack)  # free heap past the slack goes back to the kernel (memory.py)
                 if not self.shuffle:  # manifest order: nothing to mix, no buffer
                     yield from examples
                     continue

@@ -23,39 +23,44 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 import threading
+
+from .errors import TrainError
 
 DEFAULT_SLACK_MB = 256
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 _lock = threading.Lock()
-_trim = None  # malloc_trim, once looked up
-_looked_up = False
 _mark = 0  # resident bytes after the last trim (0: not measured yet)
-trims = 0  # how many times this process trimmed (benchmarks report it)
+trims = 0  # how many times this process trimmed (bench/scaling_rss.py reports it per epoch)
 
 
+@functools.cache
 def _malloc_trim():
-    global _trim, _looked_up
-    if not _looked_up:
-        _looked_up = True
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                _trim = libc.malloc_trim
-                _trim.restype, _trim.argtypes = ctypes.c_int, [ctypes.c_size_t]
-            except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-                _trim = None
-    return _trim
+    """glibc's malloc_trim, or None where there is none (macOS, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.restype, trim.argtypes = ctypes.c_int, [ctypes.c_size_t]
+    return trim
 
 
 def slack_bytes() -> int:
+    value = os.environ.get("PROBECACHE_HEAP_SLACK_MB", str(DEFAULT_SLACK_MB))
     try:
-        return max(0, int(float(os.environ.get("PROBECACHE_HEAP_SLACK_MB", DEFAULT_SLACK_MB)) * (1 << 20)))
+        mb = float(value)
     except ValueError:
-        return DEFAULT_SLACK_MB << 20
+        mb = -1.0
+    if mb < 0:
+        raise TrainError(f"PROBECACHE_HEAP_SLACK_MB must be a number of MB >= 0 (0 turns the heap guard off), "
+                         f"not {value!r}")
+    return int(mb * (1 << 20))
 
 
 def resident_bytes() -> int:
@@ -64,10 +69,11 @@ def resident_bytes() -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
-def guard_heap() -> bool:
-    """Return the free heap to the kernel if RSS grew by more than the slack since the last time; True if it did."""
+def guard_heap(slack: int | None = None) -> bool:
+    """Return the free heap to the kernel if RSS grew by more than ``slack`` bytes (default :func:`slack_bytes`)
+    since the last time; True if it did."""
     global _mark, trims
-    slack = slack_bytes()
+    slack = slack_bytes() if slack is None else slack
     if slack == 0:
         return False
     with _lock:

@@ -26,6 +26,7 @@ import tracemalloc
 import pytest
 from probecache.store import reader as store_reader
 from probecache.store.reader import open_store
+from probecache.train.errors import TrainError
 from probecache.train.loaders import TokenStream
 
 ROWS = 40
@@ -193,3 +194,9 @@ def test_the_heap_guard_returns_free_heap_past_its_slack(slack_mb, trims):
         assert int(released) > 100 << 20  # most of the ~150 MB freed came back
     else:
         assert int(released) < 16 << 20
+
+
+def test_a_bad_heap_slack_is_one_line_before_any_read(stores, monkeypatch):
+    monkeypatch.setenv("PROBECACHE_HEAP_SLACK_MB", "lots")
+    with pytest.raises(TrainError, match="PROBECACHE_HEAP_SLACK_MB must be a number of MB >= 0"):
+        TokenStream(stores[1].path, "train")
